@@ -1,0 +1,7 @@
+"""Shared fixtures. Each support module is a pytest plugin owning its own fixtures."""
+
+pytest_plugins = [
+    "tests.support.redis_server",
+    "tests.support.phone",
+    "tests.support.sipp",
+]
