@@ -1,0 +1,168 @@
+"""A :class:`~dht_adaptor.location.LocationStore` kept in Redis, so bindings survive restarts
+and several proxy processes on one site share them.
+
+Layout: one string key per AOR, ``{prefix}aor:{aor}``, holding the AOR's bindings encoded
+by :mod:`dht_adaptor.codec`. ``save`` rewrites the key with one ``SET ... PXAT`` (atomic,
+and idempotent, so a retry after a dropped connection is harmless); the key's absolute
+expiry is the latest binding's ``expires_at``, so an AOR nobody refreshes vanishes on its
+own. Within the key, bindings that expired earlier are filtered out by ``load`` using the
+caller's ``now``. The expiry is wall-clock time, so the proxy and Redis hosts need sane
+clocks (NTP); skew only moves the moment the key is dropped, never what ``load`` returns
+before that.
+
+Every failure (refused, timeout, unreadable record) is raised as
+:class:`~dht_adaptor.location.LocationError`; the proxy answers 5xx. Messages name the
+server as ``host:port/db`` and never include the URL's credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from dht_adaptor.codec import CodecError, decode_bindings, encode_bindings
+from dht_adaptor.location import Binding, LocationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "p2psip:"
+DEFAULT_TIMEOUT = 2.0  # seconds, for connecting and for each command
+_SCHEMES = ("redis", "rediss", "unix")
+_SCAN_COUNT = 500
+
+
+class RedisStore:
+    """Bindings in Redis, one key per AOR (see the module docstring)."""
+
+    def __init__(
+        self, url: str, prefix: str = DEFAULT_PREFIX, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """Check ``url`` now (``ValueError``); nothing connects until the first command."""
+        self._where = describe_url(url)  # raises ValueError for a bad URL
+        if not timeout > 0:
+            raise ValueError(f"redis timeout must be positive, got {timeout}")
+        self._prefix = prefix
+        self._key_prefix = f"{prefix}aor:"
+        try:
+            self._client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                # Retry once, at once, when a pooled connection turns out dead (Redis
+                # restarted). Timeouts are not retried: a stuck server costs one timeout.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+        except ValueError as exc:  # e.g. a bad query argument; the message has no secrets
+            raise ValueError(f"invalid redis URL for {self._where}: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
+
+    def key(self, aor: str) -> str:
+        """The Redis key holding the bindings of ``aor``."""
+        return f"{self._key_prefix}{aor}"
+
+    async def load(self, aor: str, now: float) -> list[Binding]:
+        key = self.key(aor)
+        with self._errors(f"load {aor!r}"):
+            data = await self._client.get(key)
+        if data is None:
+            return []
+        try:
+            bindings = decode_bindings(data)
+        except CodecError as exc:
+            raise LocationError(
+                f"redis at {self._where}: unreadable record in key {key!r}: {exc}"
+            ) from exc
+        return [b for b in bindings if b.is_live(now)]
+
+    async def save(self, aor: str, bindings: Sequence[Binding], now: float) -> None:
+        key = self.key(aor)
+        live = [b for b in bindings if b.is_live(now)]
+        if not live:
+            with self._errors(f"delete {aor!r}"):
+                await self._client.delete(key)
+            return
+        try:
+            data = encode_bindings(live)
+        except CodecError as exc:
+            raise LocationError(f"cannot store bindings of {aor!r}: {exc}") from exc
+        # Round up, so the key never disappears before its latest binding has expired.
+        expire_at_ms = math.ceil(max(b.expires_at for b in live) * 1000)
+        with self._errors(f"save {aor!r}"):
+            await self._client.set(key, data, pxat=expire_at_ms)
+
+    async def aors(self) -> AsyncIterator[str]:
+        # SCAN may return a key more than once (while Redis rehashes): yield each once.
+        pattern = _glob_escape(self._key_prefix) + "*"
+        seen: set[str] = set()
+        cursor = 0
+        while True:
+            with self._errors("scan AORs"):
+                cursor, keys = await self._client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+            for raw in keys:
+                try:
+                    aor = raw.decode("utf-8")[len(self._key_prefix) :]
+                except UnicodeDecodeError:
+                    log.warning("skipping non-UTF-8 key %r at %s", raw, self._where)
+                    continue
+                if aor not in seen:
+                    seen.add(aor)
+                    yield aor
+            if cursor == 0:
+                return
+
+    async def ping(self) -> None:
+        """Readiness check: return if Redis answers, else raise ``LocationError``."""
+        with self._errors("ping"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError too
+            raise LocationError(
+                f"redis at {self._where}: {action} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def describe_url(url: str) -> str:
+    """``host:port/db`` (or the socket path) for messages; ``ValueError`` if ``url`` is bad.
+
+    Never includes the user name or password.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError("invalid redis URL: cannot parse host and port") from None
+    if parts.scheme not in _SCHEMES:
+        raise ValueError(
+            f"redis URL must start with redis://, rediss:// or unix://, "
+            f"not {parts.scheme + '://' if parts.scheme else 'no scheme'}"
+        )
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("redis unix:// URL lacks a socket path")
+        return f"unix:{parts.path}"
+    host = parts.hostname or "localhost"
+    db = parts.path.strip("/") or "0"
+    return f"{host}:{port or 6379}/{db}"
+
+
+def _glob_escape(text: str) -> str:
+    """Escape the characters that are special in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

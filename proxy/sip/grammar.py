@@ -1,0 +1,161 @@
+"""Low-level RFC 3261 §25 grammar helpers: tokens, quoted strings, parameters, comma lists.
+
+These work on already unfolded header values (``str``) and raise :class:`ParseError`.
+They are written as small scanners over indices rather than regexes so that no parse
+allocates more than the pieces it returns.
+"""
+
+from __future__ import annotations
+
+import string
+
+from .errors import ParseError
+
+Params = tuple[tuple[str, str | None], ...]
+
+WS = " \t"
+ALNUM = frozenset(string.ascii_letters + string.digits)
+# token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
+TOKEN_CHARS = ALNUM | frozenset("-.!%*_+`'~")
+# gen-value = token / host / quoted-string; a host adds ":" "[" "]" (IPv6 references).
+GEN_VALUE_CHARS = TOKEN_CHARS | frozenset(":[]")
+
+
+def skip_ws(s: str, i: int) -> int:
+    n = len(s)
+    while i < n and s[i] in WS:
+        i += 1
+    return i
+
+
+def scan(s: str, i: int, chars: frozenset[str]) -> int:
+    n = len(s)
+    while i < n and s[i] in chars:
+        i += 1
+    return i
+
+
+def is_token(s: str) -> bool:
+    return bool(s) and all(c in TOKEN_CHARS for c in s)
+
+
+def scan_quoted(s: str, i: int) -> int:
+    """``s[i]`` is the opening quote; return the index just past the closing quote."""
+    n = len(s)
+    i += 1
+    while i < n:
+        c = s[i]
+        if c == '"':
+            return i + 1
+        if c == "\\":
+            # quoted-pair = "\" (%x00-09 / %x0B-0C / %x0E-7F)
+            if i + 1 >= n or s[i + 1] in "\r\n":
+                break
+            i += 2
+        elif c in "\r\n":
+            break
+        else:
+            i += 1
+    raise ParseError("unterminated quoted string")
+
+
+def unquote(value: str) -> str:
+    """The text of a quoted-string with quoted-pairs resolved; other text as is."""
+    if len(value) < 2 or value[0] != '"':
+        return value
+    body = value[1:-1]
+    if "\\" not in body:
+        return body
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            out.append(body[i + 1])
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+def quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_params(s: str, i: int) -> tuple[Params, int]:
+    """Parse ``*( SEMI generic-param )`` from ``s[i:]``; return the params and the end index.
+
+    LWS is allowed around ";" and "=" (SEMI and EQUAL are SWS-padded in RFC 3261 §25.1).
+    """
+    params: list[tuple[str, str | None]] = []
+    n = len(s)
+    while True:
+        i = skip_ws(s, i)
+        if i >= n or s[i] != ";":
+            return tuple(params), i
+        i = skip_ws(s, i + 1)
+        j = scan(s, i, TOKEN_CHARS)
+        if j == i:
+            raise ParseError("empty or malformed parameter name")
+        name = s[i:j]
+        i = skip_ws(s, j)
+        value: str | None = None
+        if i < n and s[i] == "=":
+            i = skip_ws(s, i + 1)
+            if i < n and s[i] == '"':
+                j = scan_quoted(s, i)
+            else:
+                j = scan(s, i, GEN_VALUE_CHARS)
+                if j == i:
+                    raise ParseError(f"parameter {name!r} has an empty value")
+            value = s[i:j]
+            i = j
+        params.append((name, value))
+
+
+def format_params(params: Params) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params)
+
+
+def get_param(params: Params, name: str) -> str | None:
+    """Value of a parameter (names are case-insensitive); "" when present without value."""
+    name = name.lower()
+    for k, v in params:
+        if k.lower() == name:
+            return "" if v is None else v
+    return None
+
+
+def has_param(params: Params, name: str) -> bool:
+    name = name.lower()
+    return any(k.lower() == name for k, _ in params)
+
+
+def split_commas(value: str) -> list[str]:
+    """Split a header value on the commas that separate list elements.
+
+    Commas inside quoted strings and inside ``<...>`` do not split. Empty elements are
+    kept (as "") so that the caller can reject them: ``Via: a,,b`` is malformed.
+    """
+    if "," not in value:
+        return [value.strip()]
+    parts: list[str] = []
+    start = 0
+    i = 0
+    n = len(value)
+    in_angle = False
+    while i < n:
+        c = value[i]
+        if c == '"':
+            i = scan_quoted(value, i)
+            continue
+        if c == "<":
+            in_angle = True
+        elif c == ">":
+            in_angle = False
+        elif c == "," and not in_angle:
+            parts.append(value[start:i].strip())
+            start = i + 1
+        i += 1
+    parts.append(value[start:].strip())
+    return parts

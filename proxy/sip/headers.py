@@ -1,0 +1,390 @@
+"""Header fields: the ordered header list and the typed views a proxy needs.
+
+Header names are stored in canonical form (``Call-ID``, ``CSeq``, compact forms
+expanded), values as unfolded text. Typed views (:class:`Via`, :class:`NameAddr`,
+:class:`CSeq`) are parsed on demand, so a proxy never parses what it does not read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from .errors import ParseError
+from .grammar import (
+    TOKEN_CHARS,
+    WS,
+    Params,
+    format_params,
+    get_param,
+    is_token,
+    parse_params,
+    scan,
+    scan_quoted,
+    skip_ws,
+    split_commas,
+    unquote,
+)
+from .uri import AbsoluteUri, SipUri, Uri, parse_host, parse_uri
+
+COMPACT = {
+    "a": "Accept-Contact", "b": "Referred-By", "c": "Content-Type", "d": "Request-Disposition",
+    "e": "Content-Encoding", "f": "From", "i": "Call-ID", "j": "Reject-Contact", "k": "Supported",
+    "l": "Content-Length", "m": "Contact", "o": "Event", "r": "Refer-To", "s": "Subject",
+    "t": "To", "u": "Allow-Events", "v": "Via", "x": "Session-Expires", "y": "Identity",
+}  # fmt: skip
+_KNOWN = [
+    "Accept", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow", "Authentication-Info",
+    "Authorization", "Call-ID", "Call-Info", "Contact", "Content-Disposition",
+    "Content-Encoding", "Content-Language", "Content-Length", "Content-Type", "CSeq", "Date",
+    "Error-Info", "Expires", "From", "In-Reply-To", "Max-Forwards", "Min-Expires",
+    "MIME-Version", "Organization", "Path", "Priority", "Proxy-Authenticate",
+    "Proxy-Authorization", "Proxy-Require", "Record-Route", "Reply-To", "Require",
+    "Retry-After", "Route", "Server", "Subject", "Supported", "Timestamp", "To", "Unsupported",
+    "User-Agent", "Via", "Warning", "WWW-Authenticate", "Event", "Allow-Events", "RSeq", "RAck",
+    "Session-Expires", "Min-SE", "Refer-To", "Referred-By", "P-Asserted-Identity",
+]  # fmt: skip
+CANONICAL: dict[str, str] = {n.lower(): n for n in _KNOWN}
+CANONICAL.update(COMPACT)
+
+# Header fields that RFC 3261 §7.3.1 lets carry several comma-separated values and that
+# a proxy reads element by element.
+MULTI_VALUED = frozenset(
+    ["Via", "Route", "Record-Route", "Contact", "Path", "Proxy-Require", "Require",
+     "Supported", "Unsupported", "Allow"]
+)  # fmt: skip
+# Header fields that may appear at most once (RFC 4475 §3.3.8, §3.3.9).
+SINGLE_VALUED = frozenset(
+    ["Call-ID", "CSeq", "From", "To", "Max-Forwards", "Content-Length", "Content-Type",
+     "Expires", "Min-Expires"]
+)  # fmt: skip
+
+
+def canonical_name(name: str) -> str:
+    return CANONICAL.get(name.lower(), name)
+
+
+class Headers:
+    """An ordered list of ``(canonical name, value)`` pairs. Lookup is by canonical name."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
+        self._items: list[tuple[str, str]] = items if items is not None else []
+
+    @classmethod
+    def of(cls, *pairs: tuple[str, str]) -> Headers:
+        return cls([(canonical_name(n), v) for n, v in pairs])
+
+    def copy(self) -> Headers:
+        return Headers(list(self._items))
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+    def get(self, name: str) -> str | None:
+        """The first value of ``name`` (canonical form), or None."""
+        for n, v in self._items:
+            if n == name:
+                return v
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every header line of ``name`` (not split on commas)."""
+        return [v for n, v in self._items if n == name]
+
+    def values(self, name: str) -> list[str]:
+        """Every element of a comma-separated list header, across all its lines."""
+        out: list[str] = []
+        for n, v in self._items:
+            if n == name:
+                out.extend(split_commas(v))
+        return out
+
+    def count(self, name: str) -> int:
+        return sum(1 for n, _ in self._items if n == name)
+
+    def __contains__(self, name: object) -> bool:
+        return any(n == name for n, _ in self._items)
+
+    def add(self, name: str, value: str) -> None:
+        self._items.append((canonical_name(name), value))
+
+    def prepend(self, name: str, value: str) -> None:
+        self._items.insert(0, (canonical_name(name), value))
+
+    def insert_before_first(self, name: str, value: str) -> None:
+        """Insert a header line above the first line of the same name (or at the top)."""
+        name = canonical_name(name)
+        for i, (n, _) in enumerate(self._items):
+            if n == name:
+                self._items.insert(i, (name, value))
+                return
+        self._items.insert(0, (name, value))
+
+    def remove(self, name: str) -> None:
+        self._items = [(n, v) for n, v in self._items if n != name]
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every line of ``name`` with one line, kept where the first one was."""
+        name = canonical_name(name)
+        for i, (n, _) in enumerate(self._items):
+            if n == name:
+                self._items[i] = (name, value)
+                self._items = [
+                    item for j, item in enumerate(self._items) if j <= i or item[0] != name
+                ]
+                return
+        self._items.append((name, value))
+
+    def pop_first_value(self, name: str) -> str | None:
+        """Remove and return the first list element of ``name`` (e.g. the top Via)."""
+        for i, (n, v) in enumerate(self._items):
+            if n == name:
+                parts = split_commas(v)
+                first = parts[0]
+                if len(parts) == 1:
+                    del self._items[i]
+                else:
+                    self._items[i] = (n, ", ".join(parts[1:]))
+                return first
+        return None
+
+
+# --- Via (RFC 3261 §20.42) ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    transport: str  # upper case: UDP, TCP, TLS, SCTP, WS, ...
+    host: str
+    port: int | None = None
+    params: Params = ()
+
+    @property
+    def branch(self) -> str | None:
+        return get_param(self.params, "branch")
+
+    @property
+    def received(self) -> str | None:
+        return get_param(self.params, "received")
+
+    @property
+    def rport(self) -> str | None:
+        """ "" when the client asked for rport (RFC 3581), the port once filled in."""
+        return get_param(self.params, "rport")
+
+    def sent_by(self) -> tuple[str, int | None]:
+        return self.host.lower(), self.port
+
+    def with_params(self, params: Params) -> Via:
+        return replace(self, params=params)
+
+    def __str__(self) -> str:
+        hp = self.host if self.port is None else f"{self.host}:{self.port}"
+        return f"SIP/2.0/{self.transport} {hp}{format_params(self.params)}"
+
+
+def _expect(s: str, i: int, ch: str, what: str) -> int:
+    i = skip_ws(s, i)
+    if i >= len(s) or s[i] != ch:
+        raise ParseError(f"malformed {what}")
+    return skip_ws(s, i + 1)
+
+
+def parse_via(value: str) -> Via:
+    """Parse one Via element. LWS is allowed around "/" and ":" (RFC 3261 §25.1 SLASH)."""
+    s = value
+    i = skip_ws(s, 0)
+    j = scan(s, i, TOKEN_CHARS)
+    if s[i:j].upper() != "SIP":
+        raise ParseError("malformed Via protocol")
+    i = _expect(s, j, "/", "Via protocol")
+    j = scan(s, i, TOKEN_CHARS)
+    if s[i:j] != "2.0":
+        raise ParseError("unsupported Via protocol version")
+    i = _expect(s, j, "/", "Via protocol")
+    j = scan(s, i, TOKEN_CHARS)
+    if j == i:
+        raise ParseError("missing Via transport")
+    transport = s[i:j].upper()
+    i = j
+    if i >= len(s) or s[i] not in WS:
+        raise ParseError("malformed Via sent-by")
+    i = skip_ws(s, i)
+    # sent-by = host [ COLON port ]; the host may be an IPv6 reference.
+    j = i
+    if j < len(s) and s[j] == "[":
+        j = s.find("]", j)
+        if j < 0:
+            raise ParseError("malformed Via sent-by")
+        j += 1
+    else:
+        j = scan(s, j, TOKEN_CHARS)
+    host_end = j
+    k = skip_ws(s, j)
+    hostport = s[i:host_end]
+    if k < len(s) and s[k] == ":":
+        k = skip_ws(s, k + 1)
+        p = k
+        while p < len(s) and s[p].isdigit():
+            p += 1
+        hostport += ":" + s[k:p]
+        j = p
+    host, port = parse_host(hostport)
+    params, end = parse_params(s, j)
+    if skip_ws(s, end) != len(s):
+        raise ParseError("malformed Via parameters")
+    return Via(transport, host, port, params)
+
+
+# --- name-addr / addr-spec (RFC 3261 §20.10, §25.1) ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    uri: Uri
+    display: str | None = None  # as written: a quoted-string or tokens
+    params: Params = ()
+    bracketed: bool = True
+
+    @property
+    def tag(self) -> str | None:
+        return get_param(self.params, "tag")
+
+    def param(self, name: str) -> str | None:
+        return get_param(self.params, name)
+
+    @property
+    def display_text(self) -> str | None:
+        return None if self.display is None else unquote(self.display)
+
+    def with_params(self, params: Params) -> NameAddr:
+        return replace(self, params=params)
+
+    def __str__(self) -> str:
+        prefix = f"{self.display} " if self.display else ""
+        return f"{prefix}<{self.uri}>{format_params(self.params)}"
+
+
+_DISPLAY_TOKEN_CHARS = TOKEN_CHARS | frozenset(WS)
+
+
+def parse_name_addr(value: str) -> NameAddr:
+    s = value.strip()
+    if not s:
+        raise ParseError("empty address")
+    display: str | None = None
+    i = 0
+    if s[0] == '"':
+        i = scan_quoted(s, 0)
+        display = s[:i]
+        i = skip_ws(s, i)
+        if i >= len(s) or s[i] != "<":
+            raise ParseError("display name without <URI>")
+    else:
+        lt = s.find("<")
+        if lt > 0 and ":" not in s[:lt]:
+            text = s[:lt].strip()
+            if not _DISPLAY_TOKEN_CHARS.issuperset(text):
+                raise ParseError("display name must be tokens or a quoted string")
+            display = text or None
+            i = lt
+        elif lt == 0:
+            i = 0
+        else:
+            i = -1
+    if i >= 0:
+        gt = s.find(">", i)
+        if gt < 0:
+            raise ParseError("unterminated <URI>")
+        text = s[i + 1 : gt]
+        if not text or any(c in WS for c in text):
+            raise ParseError("whitespace inside <URI>")
+        uri = parse_uri(text)
+        params, end = parse_params(s, gt + 1)
+        bracketed = True
+    else:
+        # addr-spec: RFC 3261 §20: "if the URI contains a comma, question mark or semicolon,
+        # the URI MUST be enclosed in angle brackets", so parameters here are header params.
+        semi = s.find(";")
+        text = (s if semi < 0 else s[:semi]).strip()
+        if "?" in text or any(c in WS for c in text):
+            raise ParseError("address with headers or spaces must be enclosed in <>")
+        uri = parse_uri(text)
+        params, end = parse_params(s, len(text) if semi < 0 else semi)
+        bracketed = False
+    if end != len(s):
+        raise ParseError("malformed address parameters")
+    for name, _ in params:
+        if not is_token(name):
+            raise ParseError("malformed address parameter")
+    return NameAddr(uri, display, params, bracketed)
+
+
+# --- CSeq (RFC 3261 §20.16) ---------------------------------------------------------------
+
+MAX_CSEQ = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class CSeq:
+    number: int
+    method: str
+
+    def __str__(self) -> str:
+        return f"{self.number} {self.method}"
+
+
+def parse_cseq(value: str) -> CSeq:
+    parts = value.split()
+    if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
+        raise ParseError("malformed CSeq")
+    if len(parts[0]) > 10 or int(parts[0]) > MAX_CSEQ:
+        raise ParseError("CSeq number out of range")
+    if not is_token(parts[1]):
+        raise ParseError("malformed CSeq method")
+    return CSeq(int(parts[0]), parts[1])
+
+
+def parse_uint(value: str, what: str, maximum: int) -> int:
+    """A decimal header value (``Max-Forwards: 0068``); out-of-range values are errors."""
+    v = value.strip()
+    if not v or not v.isdigit() or not v.isascii():
+        raise ParseError(f"malformed {what}")
+    if len(v.lstrip("0")) > len(str(maximum)) or int(v) > maximum:
+        raise ParseError(f"{what} out of range")
+    return int(v)
+
+
+def parse_delta_seconds(value: str, maximum: int = 2**32 - 1) -> int:
+    """delta-seconds, clamped: RFC 3261 §20.19 treats huge values as the largest legal one."""
+    v = value.strip()
+    if not v or not v.isdigit() or not v.isascii():
+        raise ParseError("malformed delta-seconds")
+    if len(v.lstrip("0")) > len(str(maximum)):
+        return maximum
+    return min(int(v), maximum)
+
+
+__all__ = [
+    "AbsoluteUri",
+    "CSeq",
+    "Headers",
+    "NameAddr",
+    "SipUri",
+    "Via",
+    "canonical_name",
+    "parse_cseq",
+    "parse_name_addr",
+    "parse_via",
+]
