@@ -1,0 +1,95 @@
+"""Cutting a byte stream (TCP) into SIP messages (RFC 3261 §18.3), without I/O.
+
+Content-Length frames each message. Bare CRLFs between messages are keep-alives
+(RFC 5626 §3.5.1): a double CRLF "ping" is answered with a single CRLF "pong".
+Header blocks and bodies are bounded so that a peer cannot make us buffer forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import MessageTooLarge, ParseError
+from .headers import parse_uint
+
+MAX_HEADER_BYTES = 16 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """The peer sent a CRLFCRLF keep-alive; answer with b"\\r\\n"."""
+
+
+Event = Frame | Ping
+
+
+class StreamFramer:
+    def __init__(
+        self, max_header: int = MAX_HEADER_BYTES, max_message: int = MAX_MESSAGE_BYTES
+    ) -> None:
+        self._buf = bytearray()
+        self._max_header = max_header
+        self._max_message = max_message
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a partial message held (0 when idle between messages)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Add received bytes; return the complete messages and pings found.
+
+        Raises :class:`ParseError` (or :class:`MessageTooLarge`) when the stream cannot be
+        framed any more; the connection must then be closed.
+        """
+        self._buf += data
+        events: list[Event] = []
+        buf = self._buf
+        while buf:
+            # Leading CRLFs: keep-alives. "\r\n\r\n" is a ping; a lone "\r\n" is a pong.
+            if buf[0] in (0x0D, 0x0A):
+                if buf.startswith(b"\r\n\r\n"):
+                    del buf[:4]
+                    events.append(Ping())
+                elif len(buf) < 4 and b"\r\n\r\n".startswith(buf):
+                    break  # may still become a ping
+                elif buf.startswith(b"\r\n"):
+                    del buf[:2]  # a pong, or a CRLF before the next message
+                else:
+                    raise ParseError("stray line break in stream")
+                continue
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self._max_header:
+                    raise MessageTooLarge("header block too large")
+                break
+            if end > self._max_header:
+                raise MessageTooLarge("header block too large")
+            length = self._content_length(bytes(buf[:end]))
+            total = end + 4 + length
+            if total > self._max_message:
+                raise MessageTooLarge("message too large")
+            if len(buf) < total:
+                break
+            events.append(Frame(bytes(buf[:total])))
+            del buf[:total]
+        return events
+
+    @staticmethod
+    def _content_length(head: bytes) -> int:
+        for line in head.split(b"\r\n")[1:]:
+            name, sep, value = line.partition(b":")
+            if sep and name.strip().lower() in (b"content-length", b"l"):
+                try:
+                    text = value.decode("ascii")
+                except UnicodeDecodeError:
+                    raise ParseError("malformed Content-Length") from None
+                return parse_uint(text, "Content-Length", MAX_MESSAGE_BYTES)
+        # RFC 3261 §18.3: on a stream, Content-Length MUST be present.
+        raise ParseError("Content-Length is required on stream transports")

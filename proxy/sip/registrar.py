@@ -1,0 +1,247 @@
+"""Registrar decisions (RFC 3261 §10.3), free of I/O.
+
+``process_register`` takes a validated REGISTER, the AOR's current bindings and the time,
+and returns the response to send plus the new set of bindings to store (or None when
+nothing changes). Storage, authentication and locking around one AOR are the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from dht_adaptor.location import Binding
+
+from .errors import ParseError
+from .grammar import get_param
+from .headers import NameAddr, parse_delta_seconds, parse_name_addr
+from .message import Request, Response, make_response
+from .uri import SipUri, aor_of
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrarConfig:
+    domains: tuple[str, ...] = ()  # lower case; empty means "any domain"
+    min_expires: int = 60
+    max_expires: int = 7200
+    default_expires: int = 3600
+    max_contacts: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterOutcome:
+    response: Response
+    aor: str | None = None
+    bindings: tuple[Binding, ...] | None = None  # the AOR's new set; None: unchanged
+
+    @property
+    def changed(self) -> bool:
+        return self.bindings is not None
+
+
+class RegisterRejected(Exception):
+    """A REGISTER that fails with a specific status (423 carries Min-Expires)."""
+
+    def __init__(self, status: int, reason: str, extra: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.extra = list(extra)
+
+
+def serves(config: RegistrarConfig, host: str) -> bool:
+    return not config.domains or host.lower() in config.domains
+
+
+def register_aor(req: Request, config: RegistrarConfig) -> str:
+    """The AOR a REGISTER is about (its To URI), checked against the served domains.
+
+    RFC 3261 §10.3 steps 1 and 5: a Request-URI domain we do not serve gets 403, a To
+    that is not a valid AOR of that domain gets 404.
+    """
+    ruri = req.ruri
+    if not isinstance(ruri, SipUri) or not serves(config, ruri.host):
+        raise RegisterRejected(403, "Domain Not Served")
+    to_uri = req.to.uri
+    if not isinstance(to_uri, SipUri) or to_uri.user is None:
+        raise RegisterRejected(404, "Not Found")
+    if to_uri.host.lower() != ruri.host.lower() and not serves(config, to_uri.host):
+        raise RegisterRejected(404, "Not Found")
+    return aor_of(to_uri)
+
+
+def contact_key(uri_text: str) -> str:
+    """Comparable form of a contact URI (RFC 3261 §19.1.4, simplified: case of scheme/host)."""
+    try:
+        uri = parse_name_addr(f"<{uri_text}>").uri
+    except ParseError:
+        return uri_text
+    if isinstance(uri, SipUri):
+        return str(replace(uri, scheme=uri.scheme.lower(), host=uri.host.lower()))
+    return str(uri)
+
+
+def _expires_of(contact: NameAddr, header_expires: int | None, config: RegistrarConfig) -> int:
+    raw = contact.param("expires")
+    if raw is not None:
+        try:
+            return min(parse_delta_seconds(raw), config.max_expires)
+        except ParseError:
+            # RFC 3261 §10.3 step 7 via RFC 4475 §3.1.2.4: a bad value means the default.
+            pass
+    if header_expires is not None:
+        return min(header_expires, config.max_expires)
+    return config.default_expires
+
+
+def _q_of(contact: NameAddr) -> float:
+    raw = contact.param("q")
+    if raw is None:
+        return 1.0
+    try:
+        q = float(raw)
+    except ValueError:
+        raise ParseError("malformed q-value") from None
+    if not 0.0 <= q <= 1.0 or not raw.replace(".", "", 1).isdigit():
+        raise ParseError("q-value out of range")
+    return q
+
+
+def _reg_id(contact: NameAddr) -> int | None:
+    raw = contact.param("reg-id")
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 10:
+        raise ParseError("malformed reg-id")
+    return int(raw)
+
+
+def ok_response(req: Request, bindings: Sequence[Binding], now: float, to_tag: str) -> Response:
+    """200 OK listing every current binding with its remaining time (§10.3 step 8)."""
+    extra = [
+        (
+            "Contact",
+            f"<{b.contact}>;expires={b.remaining(now)}" + (f";q={b.q:g}" if b.q != 1.0 else ""),
+        )
+        for b in sorted(bindings, key=lambda b: -b.q)
+    ]
+    return make_response(req, 200, to_tag=to_tag, extra=extra)
+
+
+def process_register(
+    req: Request,
+    current: Sequence[Binding],
+    now: float,
+    config: RegistrarConfig,
+    *,
+    source: str,
+    to_tag: str,
+) -> RegisterOutcome:
+    """Apply a REGISTER to the AOR's current bindings (RFC 3261 §10.3 steps 6-8).
+
+    ``current`` must hold the AOR's live bindings; ``source`` is the flow the request came
+    in on ("udp:1.2.3.4:5060"). Peer errors come back as responses, never as exceptions.
+    """
+    try:
+        aor = register_aor(req, config)
+        bindings = _apply(req, aor, list(current), now, config, source)
+    except RegisterRejected as exc:
+        return RegisterOutcome(
+            make_response(req, exc.status, exc.reason, to_tag=to_tag, extra=exc.extra)
+        )
+    except ParseError as exc:
+        return RegisterOutcome(
+            make_response(req, 400, str(exc)[:60] or "Bad Request", to_tag=to_tag)
+        )
+    if bindings is None:
+        return RegisterOutcome(ok_response(req, current, now, to_tag), aor, None)
+    return RegisterOutcome(ok_response(req, bindings, now, to_tag), aor, tuple(bindings))
+
+
+def _apply(
+    req: Request,
+    aor: str,
+    bindings: list[Binding],
+    now: float,
+    config: RegistrarConfig,
+    source: str,
+) -> list[Binding] | None:
+    contacts = req.contacts
+    if not contacts:
+        return None  # a query: just list the bindings
+    header = req.headers.get("Expires")
+    header_expires = parse_delta_seconds(header) if header is not None else None
+    call_id = req.call_id
+    cseq = req.cseq.number
+
+    if "*" in contacts:
+        # §10.3 step 6: "*" must be alone, with Expires: 0.
+        if len(contacts) != 1 or header_expires != 0:
+            raise ParseError("Contact: * requires Expires: 0 and no other contact")
+        for b in bindings:
+            if b.call_id == call_id and cseq <= b.cseq:
+                raise RegisterRejected(400, "CSeq Out Of Order")
+        return []
+
+    parsed = [parse_name_addr(c) for c in contacts]
+    updates: list[tuple[NameAddr, int]] = []
+    for contact in parsed:
+        expires = _expires_of(contact, header_expires, config)
+        if 0 < expires < config.min_expires:
+            # §10.3 step 7: too brief; tell the phone the minimum.
+            raise RegisterRejected(
+                423, "Interval Too Brief", [("Min-Expires", str(config.min_expires))]
+            )
+        updates.append((contact, expires))
+
+    by_key = {contact_key(b.contact): b for b in bindings}
+    changed = False
+    for contact, expires in updates:
+        uri_text = str(contact.uri)
+        key = contact_key(uri_text)
+        instance = contact.param("+sip.instance")
+        reg_id = _reg_id(contact)
+        old = by_key.get(key)
+        if old is None and instance is not None:
+            # RFC 5626 §6: the same instance and reg-id replace the old flow's binding.
+            for k, b in by_key.items():
+                if b.instance == instance and b.reg_id == reg_id:
+                    old = by_key.pop(k)
+                    break
+        if old is not None and old.call_id == call_id and cseq <= old.cseq:
+            raise RegisterRejected(400, "CSeq Out Of Order")
+        if expires == 0:
+            if by_key.pop(key, None) is not None or old is not None:
+                changed = True
+            continue
+        new = Binding(
+            aor=aor,
+            contact=uri_text,
+            expires_at=now + expires,
+            q=_q_of(contact),
+            call_id=call_id,
+            cseq=cseq,
+            source=source,
+            instance=instance,
+            reg_id=reg_id,
+            path=tuple(req.headers.values("Path")),
+            registered_at=old.registered_at if old is not None else now,
+        )
+        by_key[key] = new
+        changed = True
+    if len(by_key) > config.max_contacts:
+        raise RegisterRejected(403, "Too Many Contacts")
+    return list(by_key.values()) if changed else None
+
+
+__all__ = [
+    "RegisterOutcome",
+    "RegisterRejected",
+    "RegistrarConfig",
+    "contact_key",
+    "get_param",
+    "ok_response",
+    "process_register",
+    "register_aor",
+    "serves",
+]
