@@ -68,6 +68,8 @@ def _binding_to_obj(binding: Binding) -> dict[str, Any]:
         "contact": binding.contact,
         "expires_at": binding.expires_at,
     }
+    if not isinstance(binding.path, tuple):  # a list would not survive the round trip
+        _fail(f"'path' must be a tuple, not {_kind(binding.path)}")
     for name in _OPTIONAL:
         value = getattr(binding, name)
         if value != _DEFAULTS[name]:
@@ -119,9 +121,7 @@ def _load(data: bytes) -> dict[str, Any]:
         _fail(f"record must be bytes, not {_kind(data)}")
     try:
         text = bytes(data).decode("utf-8")
-        obj = json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
-        )
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except CodecError:
         raise
     except UnicodeDecodeError as exc:

@@ -21,9 +21,10 @@ import logging
 import math
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -38,6 +39,17 @@ DEFAULT_PREFIX = "p2psip:"
 DEFAULT_TIMEOUT = 2.0  # seconds, for connecting and for each command
 _SCHEMES = ("redis", "rediss", "unix")
 _SCAN_COUNT = 500
+_QUERY_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
+    "client_name",
+    "username",
+    "password",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_ciphers",
+}
 
 
 class RedisStore:
@@ -77,6 +89,8 @@ class RedisStore:
             data = await self._client.get(key)
         if data is None:
             return []
+        if isinstance(data, str):  # typed bytes | str; only bytes while decode_responses is off
+            data = data.encode("utf-8")
         try:
             bindings = decode_bindings(data)
         except CodecError as exc:
@@ -111,10 +125,11 @@ class RedisStore:
                 cursor, keys = await self._client.scan(cursor, match=pattern, count=_SCAN_COUNT)
             for raw in keys:
                 try:
-                    aor = raw.decode("utf-8")[len(self._key_prefix) :]
+                    key = raw if isinstance(raw, str) else raw.decode("utf-8")
                 except UnicodeDecodeError:
                     log.warning("skipping non-UTF-8 key %r at %s", raw, self._where)
                     continue
+                aor = key[len(self._key_prefix) :]
                 if aor not in seen:
                     seen.add(aor)
                     yield aor
@@ -154,6 +169,11 @@ def describe_url(url: str) -> str:
             f"redis URL must start with redis://, rediss:// or unix://, "
             f"not {parts.scheme + '://' if parts.scheme else 'no scheme'}"
         )
+    for name in parse_qs(parts.query, keep_blank_values=True):
+        # redis-py hands unknown options to the connection, which fails on first use with a
+        # TypeError; decode_responses would change what GET returns. Refuse both now.
+        if name not in _QUERY_OPTIONS:
+            raise ValueError(f"redis URL has an unsupported query option {name!r}")
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError("redis unix:// URL lacks a socket path")

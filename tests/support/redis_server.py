@@ -48,6 +48,10 @@ class RedisServer:
     def log_path(self) -> Path:
         return self.dir / "redis.log"
 
+    @property
+    def stderr_path(self) -> Path:
+        return self.dir / "redis.stderr"
+
     def start(self) -> None:
         """Start on a fresh free port (retrying if another process grabs it first)."""
         for attempt in range(1, _START_ATTEMPTS + 1):
@@ -88,40 +92,38 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(self.log_path),
         ]  # fmt: skip
-        self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        # stderr goes to a file: a pipe nobody drains could block or break the server.
+        with self.stderr_path.open("ab") as stderr:
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            )
         try:
             self._wait_until_ready()
         except RedisServerError:
             self.stop(graceful=False)
             raise
-        finally:
-            # Nothing else reads stderr; close it so no pipe is left open (ResourceWarning).
-            if self._process is not None and self._process.stderr is not None:
-                self._process.stderr.close()
 
     def _wait_until_ready(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                stderr = self._process.stderr.read() if self._process.stderr else b""
                 raise RedisServerError(
                     f"redis-server exited with {self._process.returncode} on port {self.port}: "
-                    f"{stderr.decode(errors='replace').strip()} {self._log_tail()}"
+                    f"{self._tail(self.stderr_path)} {self._tail(self.log_path)}"
                 )
             if _answers_ping(self.port):
                 return
             time.sleep(0.02)
         raise RedisServerError(
             f"redis-server on port {self.port} did not answer PING within {_START_TIMEOUT} s: "
-            f"{self._log_tail()}"
+            f"{self._tail(self.log_path)}"
         )
 
-    def _log_tail(self) -> str:
+    @staticmethod
+    def _tail(path: Path) -> str:
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            lines = path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
         return " | ".join(lines[-5:])
