@@ -1,0 +1,252 @@
+"""One typed configuration for a site, built from flags, a TOML file and P2PSIP_* variables.
+
+Precedence: command-line flag > environment variable > config file > default. Every
+problem is a :class:`ConfigError` with one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message is one line, fit to print as is."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(text: str, what: str, default_port: int | None = None) -> HostPort:
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"{what}: malformed address {text!r}")
+        host, port_text = text[1:end], text[end + 1 :].removeprefix(":")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not host:
+        raise ConfigError(f"{what}: missing host in {text!r} (expected HOST:PORT)")
+    if not port_text:
+        if default_port is None:
+            raise ConfigError(f"{what}: missing port in {text!r} (expected HOST:PORT)")
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{what}: bad port {port_text!r} in {text!r}")
+    return HostPort(host, int(port_text))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "p2psip"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    domains: tuple[str, ...] = ()
+    sip_listen: HostPort = field(default_factory=lambda: HostPort("0.0.0.0", 5060))
+    advertise: str | None = None  # host/IP put in Via and Record-Route
+    dht_listen: HostPort | None = None
+    bootstrap: tuple[HostPort, ...] = ()
+    redis_url: str | None = None
+    admin_listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8080))
+    admin_token: str | None = None
+    users_file: Path | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    site_id: str = "site"
+    log_level: str = "INFO"
+    # Registrar (RFC 3261 §10.3)
+    min_expires: int = 60
+    max_expires: int = 7200
+    default_expires: int = 3600
+    max_contacts: int = 10
+    # Transaction timers (RFC 3261 §17) and transport limits
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+    timer_c: float = 180.0
+    tcp_idle_timeout: float = 600.0
+    tcp_partial_timeout: float = 10.0
+
+    def __repr__(self) -> str:  # never show the admin token
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if shown["admin_token"]:
+            shown["admin_token"] = "***"
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+# name -> (converter, is_list)
+def _str(v: Any, name: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{name}: expected a non-empty string, got {v!r}")
+    return v
+
+
+def _int(v: Any, name: str) -> int:
+    if isinstance(v, bool):
+        raise ConfigError(f"{name}: expected a whole number, got {v!r}")
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a whole number, got {v!r}") from None
+    if n < 0:
+        raise ConfigError(f"{name}: must not be negative")
+    return n
+
+
+def _float(v: Any, name: str) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {v!r}") from None
+    if not x > 0:
+        raise ConfigError(f"{name}: must be positive")
+    return x
+
+
+def _domain(v: Any, name: str) -> str:
+    d = _str(v, name).strip().lower()
+    if any(c in d for c in " /@:;<>") or d.startswith("."):
+        raise ConfigError(f"{name}: {v!r} is not a domain name")
+    return d
+
+
+def _redis_url(v: Any, name: str) -> str:
+    url = _str(v, name)
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{name}: expected redis://HOST:PORT[/DB], got scheme {parts.scheme!r}")
+    return url
+
+
+_SCALARS: dict[str, Any] = {
+    "sip_listen": lambda v, n: parse_hostport(_str(v, n), n, 5060),
+    "advertise": _str,
+    "dht_listen": lambda v, n: parse_hostport(_str(v, n), n),
+    "redis_url": _redis_url,
+    "admin_listen": lambda v, n: parse_hostport(_str(v, n), n, 8080),
+    "admin_token": _str,
+    "users_file": lambda v, n: Path(_str(v, n)),
+    "data_dir": lambda v, n: Path(_str(v, n)),
+    "site_id": _str,
+    "log_level": lambda v, n: _log_level(v, n),
+    "min_expires": _int,
+    "max_expires": _int,
+    "default_expires": _int,
+    "max_contacts": _int,
+    "t1": _float,
+    "t2": _float,
+    "t4": _float,
+    "timer_c": _float,
+    "tcp_idle_timeout": _float,
+    "tcp_partial_timeout": _float,
+}
+_LISTS: dict[str, Any] = {
+    "domains": _domain,
+    "bootstrap": lambda v, n: parse_hostport(_str(v, n), n),
+}
+# Names accepted in the TOML file and as P2PSIP_<NAME>; "domain"/"users" alias the lists.
+_ALIASES = {"domain": "domains", "users": "users_file", "trust": "trust"}
+
+
+def _log_level(v: Any, name: str) -> str:
+    level = _str(v, name).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{name}: expected DEBUG, INFO, WARNING or ERROR, got {v!r}")
+    return level
+
+
+def _convert(name: str, value: Any, origin: str) -> Any:
+    label = f"{origin} {name}"
+    if name in _LISTS:
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        return tuple(_LISTS[name](item, label) for item in items)
+    if name in _SCALARS:
+        return _SCALARS[name](value, label)
+    raise ConfigError(f"{origin}: unknown setting {name!r}")
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    section = data.get("p2psip", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [p2psip] must be a table")
+    return {k.replace("-", "_"): v for k, v in section.items()}
+
+
+def build_config(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Config:
+    """Merge the three sources; ``flags`` holds only the options given on the command line."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        for name, value in load_file(config_file).items():
+            name = _ALIASES.get(name, name)
+            merged[name] = _convert(name, value, f"config file {config_file}:")
+    known = set(_SCALARS) | set(_LISTS) | {"domain", "users"}
+    for key, value in env.items():
+        if not key.startswith("P2PSIP_") or key == "P2PSIP_CONFIG":
+            continue
+        name = key[len("P2PSIP_") :].lower()
+        if name not in known:
+            continue  # other tools' P2PSIP_* variables are not ours to reject
+        name = _ALIASES.get(name, name)
+        if value == "":
+            continue
+        merged[name] = _convert(name, value, f"environment {key}:")
+    for name, value in flags.items():
+        if value is None or value == [] or value == ():
+            continue
+        merged[name] = _convert(name, value, f"--{name.replace('_', '-')}:")
+    cfg = Config(**merged)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    if cfg.min_expires > cfg.max_expires:
+        raise ConfigError("min_expires must not be larger than max_expires")
+    if not cfg.min_expires <= cfg.default_expires <= cfg.max_expires:
+        raise ConfigError("default_expires must lie between min_expires and max_expires")
+    if cfg.max_contacts < 1:
+        raise ConfigError("max_contacts must be at least 1")
+    if cfg.t1 > cfg.t2:
+        raise ConfigError("t1 must not be larger than t2")
+    if not is_loopback(cfg.admin_listen.host) and not cfg.admin_token:
+        raise ConfigError(
+            f"the admin API on {cfg.admin_listen} is not loopback-only: set --admin-token"
+        )
