@@ -39,8 +39,10 @@ class RegistrarService:
     async def handle(self, stx: ServerTx) -> None:
         server = self.server
         req = stx.request
+        ruri = req.ruri
+        to_me = isinstance(ruri, SipUri) and server.proxy.me.is_my_address(ruri)
         try:
-            aor = register_aor(req, self.config)
+            aor = register_aor(req, self.config, addressed_to_me=to_me)
         except RegisterRejected as exc:
             server.respond(stx, make_response(req, exc.status, exc.reason, to_tag=stx.to_tag))
             return
@@ -59,7 +61,8 @@ class RegistrarService:
             async with lock:
                 current = await server.store.load(aor, now)
                 outcome = process_register(
-                    req, current, now, self.config, source=str(stx.flow), to_tag=stx.to_tag
+                    req, current, now, self.config, source=str(stx.flow), to_tag=stx.to_tag,
+                    addressed_to_me=to_me,
                 )
                 if outcome.bindings is not None:
                     await server.store.save(aor, outcome.bindings, now)

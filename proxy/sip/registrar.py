@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from dht_adaptor.location import Binding
 
 from .errors import ParseError
-from .grammar import get_param
 from .headers import NameAddr, parse_delta_seconds, parse_name_addr
 from .message import Request, Response, make_response
 from .uri import SipUri, aor_of
@@ -53,19 +52,20 @@ def serves(config: RegistrarConfig, host: str) -> bool:
     return not config.domains or host.lower() in config.domains
 
 
-def register_aor(req: Request, config: RegistrarConfig) -> str:
+def register_aor(req: Request, config: RegistrarConfig, *, addressed_to_me: bool = False) -> str:
     """The AOR a REGISTER is about (its To URI), checked against the served domains.
 
     RFC 3261 §10.3 steps 1 and 5: a Request-URI domain we do not serve gets 403, a To
-    that is not a valid AOR of that domain gets 404.
+    that is not a valid AOR of that domain gets 404. Phones that name the proxy's own
+    address as registrar (``addressed_to_me``) are judged by their To domain alone.
     """
     ruri = req.ruri
-    if not isinstance(ruri, SipUri) or not serves(config, ruri.host):
+    if not isinstance(ruri, SipUri) or not (addressed_to_me or serves(config, ruri.host)):
         raise RegisterRejected(403, "Domain Not Served")
     to_uri = req.to.uri
     if not isinstance(to_uri, SipUri) or to_uri.user is None:
         raise RegisterRejected(404, "Not Found")
-    if to_uri.host.lower() != ruri.host.lower() and not serves(config, to_uri.host):
+    if not serves(config, to_uri.host):
         raise RegisterRejected(404, "Not Found")
     return aor_of(to_uri)
 
@@ -136,6 +136,7 @@ def process_register(
     *,
     source: str,
     to_tag: str,
+    addressed_to_me: bool = False,
 ) -> RegisterOutcome:
     """Apply a REGISTER to the AOR's current bindings (RFC 3261 §10.3 steps 6-8).
 
@@ -143,7 +144,7 @@ def process_register(
     in on ("udp:1.2.3.4:5060"). Peer errors come back as responses, never as exceptions.
     """
     try:
-        aor = register_aor(req, config)
+        aor = register_aor(req, config, addressed_to_me=addressed_to_me)
         bindings = _apply(req, aor, list(current), now, config, source)
     except RegisterRejected as exc:
         return RegisterOutcome(
@@ -239,7 +240,6 @@ __all__ = [
     "RegisterRejected",
     "RegistrarConfig",
     "contact_key",
-    "get_param",
     "ok_response",
     "process_register",
     "register_aor",
