@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.redis_server",
     "tests.support.phone",
     "tests.support.sipp",
+    "tests.support.site",
 ]
