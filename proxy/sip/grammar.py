@@ -131,6 +131,34 @@ def has_param(params: Params, name: str) -> bool:
     return any(k.lower() == name for k, _ in params)
 
 
+def first_element(value: str) -> str:
+    """The first element of a comma-separated list header, scanning no further than needed.
+
+    Commas inside quoted strings and inside ``<...>`` do not split (as in :func:`split_commas`).
+    """
+    comma = value.find(",")
+    if comma < 0:
+        return value.strip(WS)
+    if '"' not in value[:comma] and "<" not in value[:comma]:
+        return value[:comma].strip(WS)
+    i = 0
+    n = len(value)
+    in_angle = False
+    while i < n:
+        c = value[i]
+        if c == '"':
+            i = scan_quoted(value, i)
+            continue
+        if c == "<":
+            in_angle = True
+        elif c == ">":
+            in_angle = False
+        elif c == "," and not in_angle:
+            return value[:i].strip(WS)
+        i += 1
+    return value.strip(WS)
+
+
 def split_commas(value: str) -> list[str]:
     """Split a header value on the commas that separate list elements.
 
@@ -138,7 +166,7 @@ def split_commas(value: str) -> list[str]:
     kept (as "") so that the caller can reject them: ``Via: a,,b`` is malformed.
     """
     if "," not in value:
-        return [value.strip()]
+        return [value.strip(WS)]
     parts: list[str] = []
     start = 0
     i = 0
@@ -154,8 +182,8 @@ def split_commas(value: str) -> list[str]:
         elif c == ">":
             in_angle = False
         elif c == "," and not in_angle:
-            parts.append(value[start:i].strip())
+            parts.append(value[start:i].strip(WS))
             start = i + 1
         i += 1
-    parts.append(value[start:].strip())
+    parts.append(value[start:].strip(WS))
     return parts

@@ -64,8 +64,21 @@ def canonical_name(name: str) -> str:
     return CANONICAL.get(name.lower(), name)
 
 
+_CANONICAL_NAMES = frozenset(CANONICAL.values())
+
+
+def _key(name: str) -> str:
+    # Lookups usually pass the canonical name already: skip the lower() and dict probe.
+    return name if name in _CANONICAL_NAMES else CANONICAL.get(name.lower(), name)
+
+
 class Headers:
-    """An ordered list of ``(canonical name, value)`` pairs. Lookup is by canonical name."""
+    """An ordered list of ``(canonical name, value)`` pairs.
+
+    Names of known header fields are stored in canonical form (compact forms expanded);
+    lookups and removals accept any spelling of a known name. Extension header names are
+    kept and matched as written.
+    """
 
     __slots__ = ("_items",)
 
@@ -74,7 +87,7 @@ class Headers:
 
     @classmethod
     def of(cls, *pairs: tuple[str, str]) -> Headers:
-        return cls([(canonical_name(n), v) for n, v in pairs])
+        return cls([(_key(n), v) for n, v in pairs])
 
     def copy(self) -> Headers:
         return Headers(list(self._items))
@@ -92,7 +105,8 @@ class Headers:
         return f"Headers({self._items!r})"
 
     def get(self, name: str) -> str | None:
-        """The first value of ``name`` (canonical form), or None."""
+        """The first value of ``name``, or None."""
+        name = _key(name)
         for n, v in self._items:
             if n == name:
                 return v
@@ -100,10 +114,12 @@ class Headers:
 
     def get_all(self, name: str) -> list[str]:
         """Every header line of ``name`` (not split on commas)."""
+        name = _key(name)
         return [v for n, v in self._items if n == name]
 
     def values(self, name: str) -> list[str]:
         """Every element of a comma-separated list header, across all its lines."""
+        name = _key(name)
         out: list[str] = []
         for n, v in self._items:
             if n == name:
@@ -111,20 +127,24 @@ class Headers:
         return out
 
     def count(self, name: str) -> int:
+        name = _key(name)
         return sum(1 for n, _ in self._items if n == name)
 
     def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        name = _key(name)
         return any(n == name for n, _ in self._items)
 
     def add(self, name: str, value: str) -> None:
-        self._items.append((canonical_name(name), value))
+        self._items.append((_key(name), value))
 
     def prepend(self, name: str, value: str) -> None:
-        self._items.insert(0, (canonical_name(name), value))
+        self._items.insert(0, (_key(name), value))
 
     def insert_before_first(self, name: str, value: str) -> None:
         """Insert a header line above the first line of the same name (or at the top)."""
-        name = canonical_name(name)
+        name = _key(name)
         for i, (n, _) in enumerate(self._items):
             if n == name:
                 self._items.insert(i, (name, value))
@@ -132,11 +152,13 @@ class Headers:
         self._items.insert(0, (name, value))
 
     def remove(self, name: str) -> None:
+        """Remove every line of ``name``."""
+        name = _key(name)
         self._items = [(n, v) for n, v in self._items if n != name]
 
     def set(self, name: str, value: str) -> None:
         """Replace every line of ``name`` with one line, kept where the first one was."""
-        name = canonical_name(name)
+        name = _key(name)
         for i, (n, _) in enumerate(self._items):
             if n == name:
                 self._items[i] = (name, value)
@@ -148,6 +170,7 @@ class Headers:
 
     def pop_first_value(self, name: str) -> str | None:
         """Remove and return the first list element of ``name`` (e.g. the top Via)."""
+        name = _key(name)
         for i, (n, v) in enumerate(self._items):
             if n == name:
                 parts = split_commas(v)
@@ -280,7 +303,7 @@ _DISPLAY_TOKEN_CHARS = TOKEN_CHARS | frozenset(WS)
 
 
 def parse_name_addr(value: str) -> NameAddr:
-    s = value.strip()
+    s = value.strip(WS)
     if not s:
         raise ParseError("empty address")
     display: str | None = None
@@ -294,7 +317,7 @@ def parse_name_addr(value: str) -> NameAddr:
     else:
         lt = s.find("<")
         if lt > 0 and ":" not in s[:lt]:
-            text = s[:lt].strip()
+            text = s[:lt].strip(WS)
             if not _DISPLAY_TOKEN_CHARS.issuperset(text):
                 raise ParseError("display name must be tokens or a quoted string")
             display = text or None
@@ -317,7 +340,7 @@ def parse_name_addr(value: str) -> NameAddr:
         # addr-spec: RFC 3261 §20: "if the URI contains a comma, question mark or semicolon,
         # the URI MUST be enclosed in angle brackets", so parameters here are header params.
         semi = s.find(";")
-        text = (s if semi < 0 else s[:semi]).strip()
+        text = (s if semi < 0 else s[:semi]).strip(WS)
         if "?" in text or any(c in WS for c in text):
             raise ParseError("address with headers or spaces must be enclosed in <>")
         uri = parse_uri(text)
@@ -346,34 +369,55 @@ class CSeq:
 
 
 def parse_cseq(value: str) -> CSeq:
-    parts = value.split()
-    if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
+    """CSeq = 1*DIGIT LWS Method (RFC 3261 §20.16); the number is below 2**31."""
+    s = value.strip(WS)
+    i = 0
+    n = len(s)
+    while i < n and s[i] not in WS:
+        i += 1
+    number = s[:i]
+    method = s[skip_ws(s, i) :]
+    if i == n or not _is_ascii_digits(number):
         raise ParseError("malformed CSeq")
-    if len(parts[0]) > 10 or int(parts[0]) > MAX_CSEQ:
+    if len(number.lstrip("0")) > 10 or int(number) > MAX_CSEQ:
         raise ParseError("CSeq number out of range")
-    if not is_token(parts[1]):
+    if not is_token(method):
         raise ParseError("malformed CSeq method")
-    return CSeq(int(parts[0]), parts[1])
+    return CSeq(int(number), method)
+
+
+def _is_ascii_digits(text: str) -> bool:
+    # str.isdigit() alone also accepts "²" and other Unicode digits int() may reject.
+    return text.isascii() and text.isdigit()
+
+
+def _decimal(value: str, what: str, maximum: int) -> tuple[int, bool]:
+    """(value, in range) of a decimal header value; (maximum, False) past ``maximum``."""
+    v = value.strip(WS)
+    if not _is_ascii_digits(v):
+        raise ParseError(f"malformed {what}")
+    # Length before int(): int() of thousands of digits is slow, and raises ValueError
+    # past sys.get_int_max_str_digits(), leading zeros included.
+    digits = v.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)):
+        return maximum, False
+    number = int(digits)
+    if number > maximum:
+        return maximum, False
+    return number, True
 
 
 def parse_uint(value: str, what: str, maximum: int) -> int:
     """A decimal header value (``Max-Forwards: 0068``); out-of-range values are errors."""
-    v = value.strip()
-    if not v or not v.isdigit() or not v.isascii():
-        raise ParseError(f"malformed {what}")
-    if len(v.lstrip("0")) > len(str(maximum)) or int(v) > maximum:
+    number, in_range = _decimal(value, what, maximum)
+    if not in_range:
         raise ParseError(f"{what} out of range")
-    return int(v)
+    return number
 
 
 def parse_delta_seconds(value: str, maximum: int = 2**32 - 1) -> int:
     """delta-seconds, clamped: RFC 3261 §20.19 treats huge values as the largest legal one."""
-    v = value.strip()
-    if not v or not v.isdigit() or not v.isascii():
-        raise ParseError("malformed delta-seconds")
-    if len(v.lstrip("0")) > len(str(maximum)):
-        return maximum
-    return min(int(v), maximum)
+    return _decimal(value, "delta-seconds", maximum)[0]
 
 
 __all__ = [

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
-from .errors import ParseError, VersionNotSupported
-from .grammar import TOKEN_CHARS, is_token
+from .errors import MessageTooLarge, ParseError, VersionNotSupported
+from .grammar import TOKEN_CHARS, WS, first_element, is_token
 from .headers import (
     SINGLE_VALUED,
     CSeq,
@@ -56,23 +55,29 @@ _DATE_RE = re.compile(
     r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} "
     r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT"
 )
+# Control characters other than HTAB, which no start line may carry (RFC 3261 §25.1).
+_START_LINE_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _METHOD_CHARS = TOKEN_CHARS
 
 
 class Message:
     """What requests and responses share: headers, body and cached typed views."""
 
-    __slots__ = ("_cache", "body", "headers")
+    __slots__ = ("_cseq", "_from", "_to", "_top_via", "_vias", "body", "headers")
 
     def __init__(self, headers: Headers, body: bytes = b"") -> None:
         self.headers = headers
         self.body = body
-        self._cache: dict[str, Any] = {}
+        self._vias: list[Via] | None = None
+        self._top_via: Via | None = None
+        self._cseq: CSeq | None = None
+        self._from: NameAddr | None = None
+        self._to: NameAddr | None = None
 
     # Typed views. They parse on first use; code that changes a header it has read
     # through a view calls ``invalidate()``.
     def invalidate(self) -> None:
-        self._cache.clear()
+        self._vias = self._top_via = self._cseq = self._from = self._to = None
 
     def _single(self, name: str) -> str:
         value = self.headers.get(name)
@@ -82,24 +87,24 @@ class Message:
 
     @property
     def vias(self) -> list[Via]:
-        v = self._cache.get("vias")
+        """Every Via element, top first (comma lists split)."""
+        v = self._vias
         if v is None:
             values = self.headers.values("Via")
             if not values:
                 raise ParseError("missing Via header")
-            v = self._cache["vias"] = [parse_via(x) for x in values]
-        return v  # type: ignore[no-any-return]
+            v = self._vias = [parse_via(x) for x in values]
+        return v
 
     @property
     def top_via(self) -> Via:
-        v = self._cache.get("top_via")
+        v = self._top_via
         if v is None:
             first = self.headers.get("Via")
             if first is None:
                 raise ParseError("missing Via header")
-            comma = first.find(",")
-            v = self._cache["top_via"] = parse_via(first if comma < 0 else first[:comma])
-        return v  # type: ignore[no-any-return]
+            v = self._top_via = parse_via(first_element(first))
+        return v
 
     @property
     def call_id(self) -> str:
@@ -107,24 +112,24 @@ class Message:
 
     @property
     def cseq(self) -> CSeq:
-        v = self._cache.get("cseq")
+        v = self._cseq
         if v is None:
-            v = self._cache["cseq"] = parse_cseq(self._single("CSeq"))
-        return v  # type: ignore[no-any-return]
+            v = self._cseq = parse_cseq(self._single("CSeq"))
+        return v
 
     @property
     def from_(self) -> NameAddr:
-        v = self._cache.get("from")
+        v = self._from
         if v is None:
-            v = self._cache["from"] = parse_name_addr(self._single("From"))
-        return v  # type: ignore[no-any-return]
+            v = self._from = parse_name_addr(self._single("From"))
+        return v
 
     @property
     def to(self) -> NameAddr:
-        v = self._cache.get("to")
+        v = self._to
         if v is None:
-            v = self._cache["to"] = parse_name_addr(self._single("To"))
-        return v  # type: ignore[no-any-return]
+            v = self._to = parse_name_addr(self._single("To"))
+        return v
 
     @property
     def contacts(self) -> list[str]:
@@ -139,29 +144,39 @@ class Message:
         for name, value in self.headers:
             if name != "Content-Length":
                 parts += (name, ": ", value, "\r\n")
-        # Content-Length is always written, so stream transports can frame the message.
+        # Content-Length is always written, from the body, so that stream transports can
+        # frame the message and a stale header value can never go out.
         parts += ("Content-Length: ", str(len(self.body)), "\r\n\r\n")
         return "".join(parts).encode("utf-8", "surrogateescape") + self.body
 
     def __bytes__(self) -> bytes:
         return self.to_bytes()
 
+    def _same_fields(self, other: Message) -> bool:
+        """Equal header fields, Content-Length aside: it is written from the body, so
+        messages that differ only there serialize to the same bytes (and are equal)."""
+        if self.headers == other.headers:
+            return True
+        mine = [item for item in self.headers if item[0] != "Content-Length"]
+        return mine == [item for item in other.headers if item[0] != "Content-Length"]
+
 
 class Request(Message):
-    __slots__ = ("method", "uri")
+    __slots__ = ("_ruri", "method", "uri")
 
     def __init__(self, method: str, uri: str, headers: Headers, body: bytes = b"") -> None:
         super().__init__(headers, body)
         self.method = method
         self.uri = uri
+        self._ruri: tuple[str, Uri] | None = None
 
     @property
     def ruri(self) -> Uri:
-        """The parsed Request-URI."""
-        v = self._cache.get("ruri")
-        if v is None:
-            v = self._cache["ruri"] = parse_uri(self.uri)
-        return v  # type: ignore[no-any-return]
+        """The parsed Request-URI (re-parsed when ``uri`` is assigned a new text)."""
+        cached = self._ruri
+        if cached is None or cached[0] is not self.uri:
+            cached = self._ruri = (self.uri, parse_uri(self.uri))
+        return cached[1]
 
     @property
     def max_forwards(self) -> int | None:
@@ -178,11 +193,10 @@ class Request(Message):
         return f"<Request {self.method} {self.uri}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Request) and (self.method, self.uri, self.headers, self.body) == (
-            other.method,
-            other.uri,
-            other.headers,
-            other.body,
+        return (
+            isinstance(other, Request)
+            and (self.method, self.uri, self.body) == (other.method, other.uri, other.body)
+            and self._same_fields(other)
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -206,12 +220,11 @@ class Response(Message):
         return f"<Response {self.status} {self.reason}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Response) and (
-            self.status,
-            self.reason,
-            self.headers,
-            self.body,
-        ) == (other.status, other.reason, other.headers, other.body)
+        return (
+            isinstance(other, Response)
+            and (self.status, self.reason, self.body) == (other.status, other.reason, other.body)
+            and self._same_fields(other)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -225,7 +238,11 @@ class PartialMessage:
 
 
 class StartLineError(ParseError):
-    """A ParseError raised after the headers were read, so a response can still be built."""
+    """A ParseError raised after the headers were read, so a response can still be built.
+
+    Raised for a bad start line and for a bad Content-Length; ``partial`` holds the
+    headers. The status (and class, for 505) of the underlying error is kept.
+    """
 
     def __init__(self, cause: ParseError, partial: PartialMessage) -> None:
         super().__init__(str(cause))
@@ -234,37 +251,51 @@ class StartLineError(ParseError):
         self.partial = partial
 
 
+class VersionStartLineError(StartLineError, VersionNotSupported):
+    """An unsupported SIP version, read with the headers: answered with 505 (§21.5.26)."""
+
+
+def _is_status_line(line: str) -> bool:
+    return line[:4].upper() == "SIP/"
+
+
 def _split_header_block(text: str) -> list[tuple[str, str]]:
     """Split the header block into (canonical name, value) pairs, unfolding continuations."""
     items: list[tuple[str, str]] = []
     for line in text.split("\r\n"):
         if not line:
             continue
-        if line[0] in " \t":
-            # RFC 3261 §7.3.1: a line starting with whitespace continues the previous one.
+        if line[0] in WS:
+            # RFC 3261 §7.3.1: a line starting with whitespace continues the previous one;
+            # the line break and the whitespace around it become one SP.
             if not items:
                 raise ParseError("continuation line before any header")
-            name, value = items[-1]
-            items[-1] = (name, f"{value} {line.strip()}")
+            cont = line.strip(WS)
+            if cont:
+                name, value = items[-1]
+                items[-1] = (name, f"{value} {cont}" if value else cont)
             continue
         colon = line.find(":")
         if colon <= 0:
             raise ParseError("header line without a colon")
-        name = line[:colon].rstrip(" \t")
+        name = line[:colon].rstrip(WS)
         if not is_token(name):
             raise ParseError("malformed header name")
-        items.append((canonical_name(name), line[colon + 1 :].strip(" \t")))
+        items.append((canonical_name(name), line[colon + 1 :].strip(WS)))
     return items
 
 
 def _parse_start_line(line: str, headers: Headers, body: bytes) -> Request | Response:
-    if line.startswith("SIP/"):
+    if _START_LINE_CTL.search(line):
+        raise ParseError("control character in start line")
+    if _is_status_line(line):
+        # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase (RFC 3261 §7.2)
         version, sp1, rest = line.partition(" ")
         code, sp2, reason = rest.partition(" ")
         if version.upper() != SIP_VERSION:
             raise VersionNotSupported(f"unsupported version {version[:16]!r}")
         if not sp1 or not sp2 or len(code) != 3 or not code.isdigit() or not code.isascii():
-            raise ParseError("malformed status line")
+            raise ParseError("malformed status line")  # e.g. RFC 4475 §3.1.2.19 bigcode
         status = int(code)
         if not 100 <= status <= 699:
             raise ParseError("status code out of range")
@@ -278,9 +309,9 @@ def _parse_start_line(line: str, headers: Headers, body: bytes) -> Request | Res
     if not _METHOD_CHARS.issuperset(method):
         raise ParseError("malformed method")
     if uri[0] == "<":
-        raise ParseError("Request-URI must not be enclosed in <>")
+        raise ParseError("Request-URI must not be enclosed in <>")  # RFC 4475 §3.1.2.7
     if version.upper() != SIP_VERSION:
-        if version.upper().startswith("SIP/"):
+        if _is_status_line(version):
             raise VersionNotSupported(f"unsupported version {version[:16]!r}")
         raise ParseError("malformed request line")
     return Request(method, uri, headers, body)
@@ -292,31 +323,36 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     ``data`` is a whole datagram, or one frame cut by :class:`~proxy.sip.framing.StreamFramer`.
     On a datagram, bytes past Content-Length are discarded (RFC 3261 §18.3); a
     Content-Length larger than what arrived is an error (RFC 4475 §3.1.2.2). Raises
-    only :class:`ParseError` (and its subclasses).
+    only :class:`ParseError` (and its subclasses): :class:`StartLineError` once the
+    header fields could be read, so that a request can still be answered.
     """
     if len(data) > MAX_MESSAGE_SIZE:
-        from .errors import MessageTooLarge
-
         raise MessageTooLarge("message larger than 64 KiB")
-    end = data.find(b"\r\n\r\n")
+    # RFC 3261 §7.5: CRLFs before the start line are ignored.
+    start = 0
+    while data.startswith(b"\r\n", start):
+        start += 2
+    end = data.find(b"\r\n\r\n", start)
     if end < 0:
         raise ParseError("no end of headers")
     try:
-        text = data[:end].decode("utf-8")
+        text = data[start:end].decode("utf-8")
     except UnicodeDecodeError:
         raise ParseError("header block is not UTF-8") from None
+    # Lines end with CRLF; a bare CR or LF is neither a line end nor header text
+    # (quoted-pair excludes them too), and two parsers could frame it differently.
+    crlf = text.count("\r\n")
+    if text.count("\r") != crlf or text.count("\n") != crlf:
+        raise ParseError("bare CR or LF in the header block")
     line_end = text.find("\r\n")
     start_line = text if line_end < 0 else text[:line_end]
     header_text = "" if line_end < 0 else text[line_end + 2 :]
     headers = Headers(_split_header_block(header_text))
     body = data[end + 4 :]
-    partial = PartialMessage(headers, not start_line.startswith("SIP/"))
     try:
-        if any(c < " " and c != "\t" for c in start_line):
-            raise ParseError("control character in start line")
         cl_values = headers.get_all("Content-Length")
         if len(cl_values) > 1:
-            raise ParseError("more than one Content-Length")
+            raise ParseError("more than one Content-Length")  # RFC 4475 §3.3.3
         if cl_values:
             length = parse_uint(cl_values[0], "Content-Length", MAX_MESSAGE_SIZE)
             if length > len(body):
@@ -325,10 +361,20 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
         elif stream:
             raise ParseError("Content-Length is required on stream transports")
         return _parse_start_line(start_line, headers, body)
-    except StartLineError:
-        raise
     except ParseError as exc:
+        partial = PartialMessage(headers, not _is_status_line(start_line))
+        if isinstance(exc, VersionNotSupported):
+            raise VersionStartLineError(exc, partial) from None
         raise StartLineError(exc, partial) from None
+
+
+def _check_single_valued(headers: Headers, names: frozenset[str]) -> None:
+    seen: set[str] = set()
+    for name, _ in headers:
+        if name in names:
+            if name in seen:
+                raise ParseError(f"more than one {name} header")  # RFC 4475 §3.3.8
+            seen.add(name)
 
 
 def validate_request(req: Request) -> None:
@@ -337,17 +383,15 @@ def validate_request(req: Request) -> None:
     Raises :class:`ParseError` (400) for missing or malformed mandatory header fields,
     duplicated single-valued fields (RFC 4475 §3.3.8), a CSeq method that does not
     match (§3.1.2.17), a malformed Date (§3.1.2.12), or a Request-URI carrying headers
-    (RFC 3261 §19.1.1, RFC 4475 §3.1.2.11). An unknown Request-URI scheme raises
-    :class:`~proxy.sip.errors.UnsupportedUriScheme` via the caller, which knows what
-    it can route.
+    (RFC 3261 §19.1.1, RFC 4475 §3.1.2.11). An unknown Request-URI scheme parses (to an
+    :class:`~proxy.sip.uri.AbsoluteUri`); the caller, which knows what it can route,
+    answers 416 (:class:`~proxy.sip.errors.UnsupportedUriScheme`).
     """
     h = req.headers
-    for name in SINGLE_VALUED:
-        if h.count(name) > 1:
-            raise ParseError(f"more than one {name} header")
+    _check_single_valued(h, SINGLE_VALUED)
     _ = req.vias  # every Via element must parse (RFC 4475 §3.1.2.1)
     call_id = req.call_id
-    if not call_id or any(c in " \t" for c in call_id):
+    if not call_id or " " in call_id or "\t" in call_id:
         raise ParseError("malformed Call-ID")
     if req.cseq.method != req.method:
         raise ParseError("CSeq method does not match the request method")
@@ -366,12 +410,21 @@ def validate_request(req: Request) -> None:
                 parse_name_addr(contact)
 
 
+_RESPONSE_SINGLE_VALUED = frozenset(["Call-ID", "CSeq", "From", "To"])
+
+
 def validate_response(resp: Response) -> None:
     """Check the fields a proxy reads from a response (RFC 3261 §16.7)."""
-    for name in ("Call-ID", "CSeq", "From", "To"):
-        if resp.headers.count(name) > 1:
-            raise ParseError(f"more than one {name} header")
+    _check_single_valued(resp.headers, _RESPONSE_SINGLE_VALUED)
     _ = resp.top_via, resp.cseq, resp.call_id, resp.from_, resp.to
+
+
+def _has_tag(to_value: str) -> bool:
+    try:
+        return parse_name_addr(to_value).tag is not None
+    except ParseError:
+        # A request we answer because it is malformed: look for the text only.
+        return ";tag=" in to_value.replace(" ", "").replace("\t", "").lower()
 
 
 def make_response(
@@ -386,19 +439,22 @@ def make_response(
     """Build a response to ``req`` per RFC 3261 §8.2.6: copy Via, From, To, Call-ID, CSeq.
 
     ``to_tag`` is added to To when the request's To has none (a UAS response); the
-    100 Trying never gets one.
+    100 Trying never gets one, and copies Timestamp instead (§8.2.6.1). Record-Route is
+    copied into 101-299 responses (§12.1.1).
     """
-    src = req.headers
     headers = Headers()
-    for name, value in src:
+    for name, value in req.headers:
         if name in ("Via", "From", "Call-ID", "CSeq"):
             headers.add(name, value)
         elif name == "To":
-            if to_tag and status != 100 and ";tag=" not in value.replace(" ", "").lower():
+            if to_tag and status != 100 and not _has_tag(value):
                 value = f"{value};tag={to_tag}"
             headers.add(name, value)
-        elif name == "Record-Route" and 100 < status < 300:
-            # RFC 3261 §12.1.1: a UAS copies Record-Route into responses that create dialogs.
+        elif (name == "Record-Route" and 100 < status < 300) or (
+            name == "Timestamp" and status == 100
+        ):
+            # §12.1.1: Record-Route goes into responses that can create a dialog;
+            # §8.2.6.1: the 100 Trying echoes Timestamp.
             headers.add(name, value)
     for name, value in extra or ():
         headers.add(name, value)

@@ -8,6 +8,7 @@ brackets or stray quotes is a :class:`ParseError`; any other scheme parses to an
 
 from __future__ import annotations
 
+import ipaddress
 import string
 from dataclasses import dataclass, replace
 from urllib.parse import unquote as _pct_unquote
@@ -47,31 +48,50 @@ def _check_chars(text: str, allowed: frozenset[str], what: str) -> None:
         _check_escapes(text, what)
 
 
+def _ipv6_reference(ref: str) -> str:
+    """Check ``[IPv6address]`` (RFC 3261 §25.1 IPv6reference); return it as written."""
+    inner = ref[1:-1]
+    if ":" not in inner or not _IPV6_CHARS.issuperset(inner):
+        raise ParseError("malformed IPv6 reference")
+    try:
+        ipaddress.IPv6Address(inner)
+    except ValueError:
+        raise ParseError("malformed IPv6 reference") from None
+    return ref
+
+
+def parse_port(text: str) -> int:
+    """A port number, 1-65535 (leading zeros allowed)."""
+    # Length first: int() of a few thousand digits is slow, and raises ValueError past
+    # sys.get_int_max_str_digits().
+    if not text.isdigit() or not text.isascii() or len(text.lstrip("0")) > 5:
+        raise ParseError("malformed port")
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ParseError("port out of range")
+    return port
+
+
 def parse_host(text: str) -> tuple[str, int | None]:
     """Parse ``host [":" port]``; hosts are returned as written (compare lower-cased)."""
     if not text:
         raise ParseError("empty host")
-    port: int | None = None
     if text[0] == "[":
         end = text.find("]")
         if end < 0:
             raise ParseError("unterminated IPv6 reference")
-        host = text[: end + 1]
-        if not _IPV6_CHARS.issuperset(host[1:-1]) or ":" not in host:
-            raise ParseError("malformed IPv6 reference")
+        host = _ipv6_reference(text[: end + 1])
         rest = text[end + 1 :]
     else:
-        host, sep, rest = text.partition(":")
-        rest = sep + rest
+        host, sep, port_text = text.partition(":")
+        rest = sep + port_text
         if not host or not _HOSTNAME_CHARS.issuperset(host):
-            raise ParseError(f"malformed host {host!r}")
-    if rest:
-        if rest[0] != ":" or not rest[1:].isdigit() or not rest[1:].isascii():
-            raise ParseError("malformed port")
-        port = int(rest[1:])
-        if not 0 < port < 65536:
-            raise ParseError("port out of range")
-    return host, port
+            raise ParseError(f"malformed host {host[:40]!r}")
+    if not rest:
+        return host, None
+    if rest[0] != ":":
+        raise ParseError("malformed port")
+    return host, parse_port(rest[1:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,21 +228,64 @@ def parse_uri(text: str) -> Uri:
 
 
 def unescape(text: str) -> str:
+    """Resolve every %-escape (invalid UTF-8 becomes lone surrogates: surrogateescape)."""
     return _pct_unquote(text, errors="surrogateescape") if "%" in text else text
+
+
+# Characters a user part may carry unescaped (RFC 3261 §25.1 user).
+_USER_PLAIN = _USER_CHARS - frozenset("%")
+
+
+def normalize_escapes(text: str, plain: frozenset[str] = _USER_PLAIN) -> str:
+    """The canonical spelling of %-escaped text (RFC 3261 §19.1.4: "%75" equals "u").
+
+    Escapes of characters in ``plain`` are resolved; every other escape is kept, with
+    upper-case hex digits. The result is still a valid URI part and plain ASCII.
+    """
+    if "%" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    while True:
+        j = text.find("%", i)
+        if j < 0:
+            out.append(text[i:])
+            return "".join(out)
+        out.append(text[i:j])
+        pair = text[j + 1 : j + 3]
+        if len(pair) == 2 and _HEX.issuperset(pair):
+            ch = chr(int(pair, 16))
+            out.append(ch if ch in plain else "%" + pair.upper())
+            i = j + 3
+        else:  # not an escape (only possible in a URI built by hand)
+            out.append("%")
+            i = j + 1
+
+
+def _normalize_host(host: str) -> str:
+    host = host.lower()
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            return host
+    return host
 
 
 def aor_of(uri: Uri, default_domain: str | None = None) -> str:
     """The normalized address-of-record of a URI: ``sip:user@host``.
 
-    Lower-cased scheme and host, ``sips`` folded into ``sip``, user unescaped, and no
-    port, parameters or headers. A tel URI maps to its number at ``default_domain``.
-    Raises :class:`ParseError` for URIs that cannot name an AOR.
+    Lower-cased scheme and host (IPv6 in compressed form), ``sips`` folded into ``sip``,
+    the user's %-escapes resolved where the character may appear plain (the rest kept,
+    upper-cased: the AOR stays a valid ASCII URI), and no port, password, parameters or
+    headers. A tel URI maps to its number at ``default_domain``. Raises
+    :class:`ParseError` for URIs that cannot name an AOR.
     """
     if isinstance(uri, SipUri):
-        host = uri.host.lower()
+        host = _normalize_host(uri.host)
         if uri.user is None:
             return f"sip:{host}"
-        return f"sip:{unescape(uri.user)}@{host}"
+        return f"sip:{normalize_escapes(uri.user)}@{host}"
     if isinstance(uri, TelUri) and default_domain:
         return f"sip:{uri.number}@{default_domain.lower()}"
     raise ParseError(f"a {uri.scheme} URI does not name an address-of-record")
