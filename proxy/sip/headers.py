@@ -44,7 +44,7 @@ _KNOWN = [
     "User-Agent", "Via", "Warning", "WWW-Authenticate", "Event", "Allow-Events", "RSeq", "RAck",
     "Session-Expires", "Min-SE", "Refer-To", "Referred-By", "P-Asserted-Identity",
 ]  # fmt: skip
-CANONICAL: dict[str, str] = {n.lower(): n for n in _KNOWN}
+CANONICAL: dict[str, str] = {n.lower(): n for n in [*_KNOWN, *COMPACT.values()]}
 CANONICAL.update(COMPACT)
 
 # Header fields that RFC 3261 §7.3.1 lets carry several comma-separated values and that

@@ -64,9 +64,12 @@ def parse_port(text: str) -> int:
     """A port number, 1-65535 (leading zeros allowed)."""
     # Length first: int() of a few thousand digits is slow, and raises ValueError past
     # sys.get_int_max_str_digits().
-    if not text.isdigit() or not text.isascii() or len(text.lstrip("0")) > 5:
+    if not text.isascii() or not text.isdigit():
         raise ParseError("malformed port")
-    port = int(text)
+    digits = text.lstrip("0")
+    if len(digits) > 5:
+        raise ParseError("port out of range")
+    port = int(digits or "0")
     if not 0 < port < 65536:
         raise ParseError("port out of range")
     return port
