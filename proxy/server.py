@@ -253,6 +253,10 @@ class SipServer:
 
     def respond(self, stx: ServerTx, resp: Response) -> None:
         if stx.txn.state is tx.ServerState.TERMINATED:
+            if 200 <= resp.status < 300 and stx.request.method == "INVITE":
+                # RFC 3261 §16.7 step 5: every 2xx of a forked INVITE goes upstream, even
+                # after the first one ended the server transaction.
+                self.transport.send(stx.reply_flow, resp.to_bytes())
             return
         self.stats.response(resp.status, sent=True)
         self.drive_server(stx, stx.txn.send_response(resp, self.now))
