@@ -193,6 +193,9 @@ class Via:
     port: int | None = None
     params: Params = ()
 
+    def param(self, name: str) -> str | None:
+        return get_param(self.params, name)
+
     @property
     def branch(self) -> str | None:
         return get_param(self.params, "branch")
