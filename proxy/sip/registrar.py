@@ -7,6 +7,7 @@ nothing changes). Storage, authentication and locking around one AOR are the cal
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -94,17 +95,25 @@ def _expires_of(contact: NameAddr, header_expires: int | None, config: Registrar
     return config.default_expires
 
 
+# RFC 3261 §25.1: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
 def _q_of(contact: NameAddr) -> float:
     raw = contact.param("q")
     if raw is None:
         return 1.0
-    try:
-        q = float(raw)
-    except ValueError:
-        raise ParseError("malformed q-value") from None
-    if not 0.0 <= q <= 1.0 or not raw.replace(".", "", 1).isdigit():
-        raise ParseError("q-value out of range")
-    return q
+    if not _QVALUE.fullmatch(raw):
+        raise ParseError("malformed q-value")
+    return float(raw)
+
+
+def _out_of_order() -> RegisterRejected:
+    # §10.3 steps 6 and 7: an update with a CSeq not higher than the binding's, in the
+    # same Call-ID, "MUST be aborted and the request fails". The RFC names no code; like
+    # an out-of-order request in a dialog (§12.2.2) it gets 500. A 400 would tell the
+    # phone its well-formed request was malformed.
+    return RegisterRejected(500, "CSeq Out Of Order")
 
 
 def _reg_id(contact: NameAddr) -> int | None:
@@ -181,7 +190,7 @@ def _apply(
             raise ParseError("Contact: * requires Expires: 0 and no other contact")
         for b in bindings:
             if b.call_id == call_id and cseq <= b.cseq:
-                raise RegisterRejected(400, "CSeq Out Of Order")
+                raise _out_of_order()
         return []
 
     parsed = [parse_name_addr(c) for c in contacts]
@@ -210,7 +219,7 @@ def _apply(
                     old = by_key.pop(k)
                     break
         if old is not None and old.call_id == call_id and cseq <= old.cseq:
-            raise RegisterRejected(400, "CSeq Out Of Order")
+            raise _out_of_order()
         if expires == 0:
             if by_key.pop(key, None) is not None or old is not None:
                 changed = True
