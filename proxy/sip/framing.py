@@ -40,6 +40,10 @@ class StreamFramer:
     @property
     def pending(self) -> int:
         """Bytes of a partial message held (0 when idle between messages)."""
+        # A lone CRLF (a pong, or the keep-alive some phones send) may still become a
+        # ping; it is not the start of a message, so the connection is idle, not stalled.
+        if b"\r\n\r\n".startswith(self._buf):
+            return 0
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Event]:
