@@ -203,7 +203,14 @@ class ProxyCore:
         """The phone's own flow when we hold one (NAT-safe, RFC 5626 spirit), else the URI."""
         if source:
             flow = Flow.parse(source)
-            if flow.transport == "udp" or self.server.transport.has_connection(flow.host, flow.port):
+            if flow.transport == "udp":
+                # A UDP source only helps a phone behind NAT, whose Contact names another
+                # host than the REGISTER came from. A Contact on the source host says where
+                # the phone listens (it may have registered from another port, or a third
+                # party registered it): RFC 3261 §16.5 targets that contact.
+                if uri.transport == "udp" and uri.host.strip("[]") != flow.host:
+                    return flow
+            elif self.server.transport.has_connection(flow.host, flow.port):
                 return flow
         return await self.resolve(uri)
 
