@@ -6,7 +6,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from .sip.auth import AuthStatus, DigestAuthenticator
-from .sip.message import make_response
+from .sip.message import Request, make_response
+from .sip.uri import SipUri
 from .users import UserDirectory
 
 if TYPE_CHECKING:
@@ -49,6 +50,21 @@ class AuthGate:
             self.server.respond(stx, make_response(req, 403, "Forbidden", to_tag=stx.to_tag))
             return None
         code = 407 if proxy else 401
-        challenge = self.digest.challenge(now, proxy=proxy, stale=status is AuthStatus.STALE)
+        stale = status is AuthStatus.STALE
+        algorithms = self._algorithms(req, proxy)
+        challenge = self.digest.challenge(now, proxy=proxy, stale=stale, algorithms=algorithms)
         self.server.respond(stx, make_response(req, code, to_tag=stx.to_tag, extra=challenge))
         return None
+
+    def _algorithms(self, req: Request, proxy: bool) -> list[str] | None:
+        """Only the algorithms the user has an HA1 for, or None for all of them.
+
+        A user with only ``ha1_md5`` must not be offered SHA-256 first: an RFC 8760 UA
+        would answer it and be refused, and MD5-only UAs (SIPp) read just the first one.
+        """
+        uri = req.from_.uri if proxy else req.to.uri
+        record = self.users.get(uri.user or "") if isinstance(uri, SipUri) else None
+        if record is None:
+            return None
+        offered = [a for a in self.digest.algorithms if record.ha1_for(a) is not None]
+        return offered or None
