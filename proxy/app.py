@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from dht_adaptor.adaptor import DhtAdaptor
 from dht_adaptor.location import LocationError, LocationStore, MemoryStore
+from dht_adaptor.node import DhtNode
 
 from .config import Config
 from .server import SipServer
+
+if TYPE_CHECKING:
+    from dht_adaptor.keys import SiteKey, TrustStore
+    from dht_adaptor.record_store import RecordStore
 
 log = logging.getLogger(__name__)
 
@@ -78,28 +86,115 @@ def build_auth(config: Config, server: SipServer) -> None:
     log.info("digest authentication on for %d user(s), realm %r", len(users), realm)
 
 
+async def _wait_for_signal(ready: asyncio.Event | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("stopping")
+
+
+async def open_dht(config: Config) -> tuple[DhtNode, SiteKey]:
+    """This site's key, its trust list and a DHT node listening and joined to the overlay."""
+    from dht_adaptor.keys import KeyFileError, SiteKey, TrustStore
+
+    try:
+        key = SiteKey.load_or_create(config.data_dir)
+        trust = TrustStore.from_dir(config.trust_dir, key)
+    except KeyFileError as exc:
+        raise StartupError(str(exc)) from None
+    records = await open_record_store(config, trust)
+    node = DhtNode(records, trust, rpc_timeout=config.dht_rpc_timeout)
+    listen = config.dht_listen
+    try:
+        port = await node.listen(listen.host, listen.port)
+    except OSError as exc:
+        await records.close()
+        raise StartupError(f"cannot listen on {listen} (DHT): {exc.strerror or exc}") from None
+    log.info(
+        "DHT node %s on %s:%d, site key %s, %d trusted key(s)",
+        node.node_id_hex[:12], listen.host, port, key.key_id, len(trust),
+    )  # fmt: skip
+    if config.bootstrap:
+        peers = await node.bootstrap([(b.host, b.port) for b in config.bootstrap])
+        if peers:
+            log.info("joined the overlay: %d peer(s) known", peers)
+        else:
+            # Not fatal: the bootstrap node may start later; the node keeps trying.
+            log.warning(
+                "no bootstrap node answered yet (%s)", ", ".join(map(str, config.bootstrap))
+            )
+    else:
+        log.info("no --bootstrap: this node starts a new overlay")
+    return node, key
+
+
+async def open_record_store(config: Config, trust: TrustStore) -> RecordStore:
+    from dht_adaptor.record_store import MemoryRecordStore, RedisRecordStore
+
+    if not config.redis_url:
+        return MemoryRecordStore(trust)
+    store = RedisRecordStore(config.redis_url, trust)
+    for attempt in range(20):
+        try:
+            await store.count()
+            return store
+        except Exception as exc:  # redis errors differ by version; startup only
+            if attempt == 19:
+                await store.close()
+                raise StartupError(f"cannot reach Redis: {exc}") from None
+            await asyncio.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+async def run_dht(config: Config, ready: asyncio.Event | None = None) -> None:
+    """``p2psip dht``: a standalone node that stores and serves records, nothing else."""
+    node, _key = await open_dht(config)
+    try:
+        await _wait_for_signal(ready)
+    finally:
+        await node.close()
+
+
+def home_uri(server: SipServer) -> str:
+    """The SIP URI other sites reach this proxy at (the binding's home proxy)."""
+    me = server.proxy.me
+    host = f"[{me.host}]" if ":" in me.host else me.host
+    return f"sip:{host}:{me.port}"
+
+
 async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
     store = await open_store(config)
     server = SipServer(config, store)
+    node: DhtNode | None = None
+    adaptor: DhtAdaptor | None = None
     try:
         build_auth(config, server)
         try:
             await server.start()
         except OSError as exc:
-            raise StartupError(f"cannot listen on {config.sip_listen}: {exc.strerror or exc}") from None
+            raise StartupError(
+                f"cannot listen on {config.sip_listen}: {exc.strerror or exc}"
+            ) from None
         if not config.domains:
             log.warning("no --domain given: serving every domain name")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):
-                pass
-        if ready is not None:
-            ready.set()
-        await stop.wait()
-        log.info("stopping")
+        node, key = await open_dht(config)
+        adaptor = DhtAdaptor(
+            node, key, site_id=config.site_id, home=home_uri(server),
+            republish_interval=config.dht_republish,
+        )  # fmt: skip
+        server.registrar.attach_dht(adaptor)
+        adaptor.start()
+        await server.registrar.republish_all()
+        await _wait_for_signal(ready)
     finally:
         await server.close()
+        if adaptor is not None:
+            await adaptor.close()
+        if node is not None:
+            await node.close()
         await store.close()

@@ -1,4 +1,10 @@
-"""The ``p2psip`` command. Bad input gets one line on stderr and exit status 2."""
+"""The ``p2psip`` command. Bad input gets one line on stderr and exit status 2.
+
+``run``     a site: SIP proxy and registrar, with its DHT adaptor (and, later, admin API)
+``dht``     a standalone DHT node (the ``dht`` service of a site's compose file)
+``keygen``  the site's Ed25519 key pair, DIR/site.key and DIR/site.pub
+``lookup``  the verified bindings the DHT holds for an AOR, as JSON (exit 1: none)
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .config import ConfigError, build_config
+from .config import Config, ConfigError, build_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,54 +23,133 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--data-dir", metavar="DIR", help="site state: keys, nonce secret")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _dht_options(p: argparse.ArgumentParser, *, listen_flag: str) -> None:
+    p.add_argument(
+        listen_flag,
+        dest="dht_listen",
+        metavar="HOST:PORT",
+        help="DHT node address, UDP (default 0.0.0.0:6084)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="HOST:PORT",
+        help="a DHT node to join through (repeatable)",
+    )
+    p.add_argument(
+        "--trust",
+        dest="trust_dir",
+        metavar="DIR",
+        help="folder of trusted site keys (*.pub); default: only this site's key",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="p2psip", description="A SIP proxy and registrar on a Kademlia DHT.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
     run = sub.add_parser("run", help="run a site: SIP proxy and registrar")
-    run.add_argument("--config", type=Path, help="TOML config file")
-    run.add_argument("--domain", dest="domains", action="append", metavar="D",
-                     help="SIP domain served (repeatable; default: any)")
+    _common(run)
+    run.add_argument(
+        "--domain",
+        dest="domains",
+        action="append",
+        metavar="D",
+        help="SIP domain served (repeatable; default: any)",
+    )
     run.add_argument("--sip-listen", metavar="HOST:PORT", help="default 0.0.0.0:5060, UDP and TCP")
     run.add_argument("--advertise", metavar="HOST", help="address put in Via/Record-Route")
-    run.add_argument("--dht-listen", metavar="HOST:PORT")
-    run.add_argument("--bootstrap", action="append", metavar="HOST:PORT")
-    run.add_argument("--trust", metavar="DIR", help="folder of trusted site keys (DHT)")
+    _dht_options(run, listen_flag="--dht-listen")
     run.add_argument("--redis-url", metavar="URL", help="redis://HOST:PORT/DB for persistence")
     run.add_argument("--admin-listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
     run.add_argument("--admin-token", metavar="TOKEN")
     run.add_argument("--users", dest="users_file", metavar="FILE", help="TOML users file")
-    run.add_argument("--data-dir", metavar="DIR")
     run.add_argument("--site-id", metavar="NAME")
-    run.add_argument("--log-level", metavar="LEVEL")
-    return p
+
+    dht = sub.add_parser("dht", help="run a standalone DHT node")
+    _common(dht)
+    _dht_options(dht, listen_flag="--listen")
+    dht.add_argument("--redis-url", metavar="URL", help="keep the node's records in Redis")
+
+    keygen = sub.add_parser("keygen", help="create the site's key pair in DIR")
+    keygen.add_argument("--data-dir", metavar="DIR", help="where site.key and site.pub go")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
+
+    lookup = sub.add_parser("lookup", help="look an AOR up in the DHT; print JSON")
+    _common(lookup)
+    lookup.add_argument("aor", metavar="AOR", help="e.g. sip:alice@example.com")
+    lookup.add_argument("--bootstrap", action="append", metavar="HOST:PORT", required=True)
+    lookup.add_argument("--trust", dest="trust_dir", metavar="DIR")
+    lookup.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    return p  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "run":
-        return _run(args)
-    return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .app import StartupError, run_site
-
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "trust")}
+    own = {"command", "config", "aor", "timeout", "force"}
+    flags = {k: v for k, v in vars(args).items() if k not in own}
     try:
-        config = build_config(flags, config_file=args.config)
+        config = build_config(flags, config_file=getattr(args, "config", None))
     except ConfigError as exc:
-        print(f"p2psip: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "keygen":
+        return _keygen(config, args.force)
+    if args.command == "lookup":
+        return _lookup(config, args.aor, args.timeout)
+    from .app import StartupError, run_dht, run_site
+
     try:
-        asyncio.run(run_site(config))
+        asyncio.run(run_site(config) if args.command == "run" else run_dht(config))
     except StartupError as exc:
-        print(f"p2psip: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"p2psip: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _keygen(config: Config, force: bool) -> int:
+    from dht_adaptor.keys import KeyFileError, SiteKey
+
+    path = config.data_dir / "site.key"
+    if path.exists() and not force:
+        return _fail(f"{path} already exists (use --force to replace it)")
+    try:
+        key = SiteKey.generate()
+        key.save(config.data_dir)
+    except KeyFileError as exc:
+        return _fail(str(exc))
+    print(f"wrote {path} and {config.data_dir / 'site.pub'} (key id {key.key_id})")
+    return 0
+
+
+def _lookup(config: Config, aor_text: str, timeout: float) -> int:
+    from .lookup import LookupError_, LookupUnavailable, lookup_aor
+
+    try:
+        text = asyncio.run(lookup_aor(config, aor_text, timeout))
+    except LookupError_ as exc:
+        return _fail(str(exc))
+    except LookupUnavailable as exc:
+        print(f"p2psip: {exc}", file=sys.stderr)
+        return 1
+    if text is None:
+        print(f"p2psip: no bindings found for {aor_text}", file=sys.stderr)
+        return 1
+    print(text)
     return 0
 
 

@@ -69,8 +69,10 @@ class Config:
     domains: tuple[str, ...] = ()
     sip_listen: HostPort = field(default_factory=lambda: HostPort("0.0.0.0", 5060))
     advertise: str | None = None  # host/IP put in Via and Record-Route
-    dht_listen: HostPort | None = None
+    # The DHT node the proxy's adaptor runs (RFC 6940 registers 6084 for RELOAD).
+    dht_listen: HostPort = field(default_factory=lambda: HostPort("0.0.0.0", 6084))
     bootstrap: tuple[HostPort, ...] = ()
+    trust_dir: Path | None = None  # folder of trusted *.pub site keys; None: trust only us
     redis_url: str | None = None
     admin_listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8080))
     admin_token: str | None = None
@@ -90,6 +92,9 @@ class Config:
     timer_c: float = 180.0
     tcp_idle_timeout: float = 600.0
     tcp_partial_timeout: float = 10.0
+    # DHT adaptor
+    dht_rpc_timeout: float = 0.5
+    dht_republish: float = 600.0
 
     def __repr__(self) -> str:  # never show the admin token
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -145,7 +150,8 @@ def _redis_url(v: Any, name: str) -> str:
 _SCALARS: dict[str, Any] = {
     "sip_listen": lambda v, n: parse_hostport(_str(v, n), n, 5060),
     "advertise": _str,
-    "dht_listen": lambda v, n: parse_hostport(_str(v, n), n),
+    "dht_listen": lambda v, n: parse_hostport(_str(v, n), n, 6084),
+    "trust_dir": lambda v, n: Path(_str(v, n)),
     "redis_url": _redis_url,
     "admin_listen": lambda v, n: parse_hostport(_str(v, n), n, 8080),
     "admin_token": _str,
@@ -163,13 +169,20 @@ _SCALARS: dict[str, Any] = {
     "timer_c": _float,
     "tcp_idle_timeout": _float,
     "tcp_partial_timeout": _float,
+    "dht_rpc_timeout": _float,
+    "dht_republish": _float,
 }
 _LISTS: dict[str, Any] = {
     "domains": _domain,
-    "bootstrap": lambda v, n: parse_hostport(_str(v, n), n),
+    "bootstrap": lambda v, n: parse_hostport(_str(v, n), n, 6084),
 }
 # Names accepted in the TOML file and as P2PSIP_<NAME>; "domain"/"users" alias the lists.
-_ALIASES = {"domain": "domains", "users": "users_file", "trust": "trust"}
+_ALIASES = {
+    "domain": "domains",
+    "users": "users_file",
+    "trust": "trust_dir",
+    "listen": "dht_listen",
+}
 
 
 def _log_level(v: Any, name: str) -> str:
@@ -217,7 +230,7 @@ def build_config(
         for name, value in load_file(config_file).items():
             name = _ALIASES.get(name, name)
             merged[name] = _convert(name, value, f"config file {config_file}:")
-    known = set(_SCALARS) | set(_LISTS) | {"domain", "users"}
+    known = set(_SCALARS) | set(_LISTS) | {"domain", "users", "trust"}
     for key, value in env.items():
         if not key.startswith("P2PSIP_") or key == "P2PSIP_CONFIG":
             continue

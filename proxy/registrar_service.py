@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from dht_adaptor.adaptor import DhtAdaptor, TooManyBindings
 from dht_adaptor.location import Binding, LocationError
 
 from .sip.message import Request, make_response
@@ -35,6 +36,32 @@ class RegistrarService:
         self.known_aors: set[str] = set()
         # contact URI -> flow of the REGISTER that bound it (for in-dialog requests via NAT).
         self.contact_flows: dict[str, str] = {}
+        self.dht: DhtAdaptor | None = None
+
+    def attach_dht(self, adaptor: DhtAdaptor) -> None:
+        """Publish every change of bindings to the DHT from now on."""
+        self.dht = adaptor
+
+    async def republish_all(self) -> int:
+        """Queue every AOR of the local store for the DHT (at start-up: after a restart
+        the store, e.g. Redis, still holds bindings the overlay may have lost)."""
+        if self.dht is None:
+            return 0
+        now = self.server.clock()
+        count = 0
+        async for aor in self.server.store.aors():
+            bindings = await self.server.store.load(aor, now)
+            if not bindings:
+                continue
+            self.known_aors.add(aor)
+            try:
+                self.dht.publish(self.dht.prepare(aor, bindings, force=True))
+                count += 1
+            except TooManyBindings as exc:
+                log.error("cannot publish %s", exc)
+        if count:
+            log.info("queued %d AOR(s) of the local store for the DHT", count)
+        return count
 
     async def handle(self, stx: ServerTx) -> None:
         server = self.server
@@ -61,18 +88,35 @@ class RegistrarService:
             async with lock:
                 current = await server.store.load(aor, now)
                 outcome = process_register(
-                    req, current, now, self.config, source=str(stx.flow), to_tag=stx.to_tag,
+                    req,
+                    current,
+                    now,
+                    self.config,
+                    source=str(stx.flow),
+                    to_tag=stx.to_tag,
                     addressed_to_me=to_me,
                 )
                 if outcome.bindings is not None:
+                    # Signed and size-checked before the 200: a record that cannot fit
+                    # the DHT is refused now rather than lost later.
+                    prepared = self.dht.prepare(aor, outcome.bindings) if self.dht else None
                     await server.store.save(aor, outcome.bindings, now)
                     self._note(aor, current, outcome.bindings)
+                    if prepared is not None and self.dht is not None:
+                        self.dht.publish(prepared)
+        except TooManyBindings as exc:
+            log.warning("REGISTER %s refused: %s", aor, exc)
+            server.respond(stx, make_response(req, exc.status_code, exc.reason, to_tag=stx.to_tag))
+            return
         except LocationError as exc:
             log.error("REGISTER %s: location store failed: %s", aor, exc)
             server.respond(
                 stx,
                 make_response(
-                    req, 503, "Location Store Unavailable", to_tag=stx.to_tag,
+                    req,
+                    503,
+                    "Location Store Unavailable",
+                    to_tag=stx.to_tag,
                     extra=[("Retry-After", "5")],
                 ),
             )
@@ -108,4 +152,4 @@ class RegistrarService:
         return False
 
 
-__all__ = ["Request", "RegistrarService"]
+__all__ = ["RegistrarService", "Request"]

@@ -61,6 +61,7 @@ class Site:
         self.workdir = workdir
         self.host = host
         self.port = free_port(host)
+        self.dht_port = free_port(host)
         self.args = args or []
         self.log_path = workdir / f"site-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -69,12 +70,17 @@ class Site:
     def sip(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def dht(self) -> str:
+        return f"{self.host}:{self.dht_port}"
+
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "proxy.cli", "run",
             "--sip-listen", self.sip,
             "--data-dir", str(self.workdir / "data"),
             "--admin-listen", f"{self.host}:{free_port(self.host)}",
+            *([] if "--dht-listen" in self.args else ["--dht-listen", self.dht]),
             *self.args,
         ]  # fmt: skip
 
@@ -82,9 +88,7 @@ class Site:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         env = {k: v for k, v in env.items() if not k.startswith("P2PSIP_")}
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=log, env=env, cwd=ROOT
-            )
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
