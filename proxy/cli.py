@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -49,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .app import StartupError, run_site
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "trust")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    config_file = args.config
+    if config_file is None and os.environ.get("P2PSIP_CONFIG"):
+        config_file = Path(os.environ["P2PSIP_CONFIG"])  # like every option, from the env too
     try:
-        config = build_config(flags, config_file=args.config)
+        config = build_config(flags, config_file=config_file)
     except ConfigError as exc:
         print(f"p2psip: error: {exc}", file=sys.stderr)
         return 2

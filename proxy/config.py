@@ -71,6 +71,7 @@ class Config:
     advertise: str | None = None  # host/IP put in Via and Record-Route
     dht_listen: HostPort | None = None
     bootstrap: tuple[HostPort, ...] = ()
+    trust: Path | None = None  # folder of trusted site keys (for the DHT adaptor)
     redis_url: str | None = None
     admin_listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8080))
     admin_token: str | None = None
@@ -150,6 +151,7 @@ _SCALARS: dict[str, Any] = {
     "admin_listen": lambda v, n: parse_hostport(_str(v, n), n, 8080),
     "admin_token": _str,
     "users_file": lambda v, n: Path(_str(v, n)),
+    "trust": lambda v, n: Path(_str(v, n)),
     "data_dir": lambda v, n: Path(_str(v, n)),
     "site_id": _str,
     "log_level": lambda v, n: _log_level(v, n),
@@ -186,7 +188,7 @@ def _convert(name: str, value: Any, origin: str) -> Any:
         return tuple(_LISTS[name](item, label) for item in items)
     if name in _SCALARS:
         return _SCALARS[name](value, label)
-    raise ConfigError(f"{origin}: unknown setting {name!r}")
+    raise ConfigError(f"{origin} unknown setting {name!r}")
 
 
 def load_file(path: Path) -> dict[str, Any]:
