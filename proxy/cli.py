@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -94,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     own = {"command", "config", "aor", "timeout", "force"}
     flags = {k: v for k, v in vars(args).items() if k not in own}
+    config_file = getattr(args, "config", None)
+    if config_file is None and os.environ.get("P2PSIP_CONFIG"):
+        config_file = Path(os.environ["P2PSIP_CONFIG"])  # like every option, from the env too
     try:
-        config = build_config(flags, config_file=getattr(args, "config", None))
+        config = build_config(flags, config_file=config_file)
     except ConfigError as exc:
         return _fail(str(exc))
     logging.basicConfig(

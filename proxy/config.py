@@ -199,7 +199,7 @@ def _convert(name: str, value: Any, origin: str) -> Any:
         return tuple(_LISTS[name](item, label) for item in items)
     if name in _SCALARS:
         return _SCALARS[name](value, label)
-    raise ConfigError(f"{origin}: unknown setting {name!r}")
+    raise ConfigError(f"{origin} unknown setting {name!r}")
 
 
 def load_file(path: Path) -> dict[str, Any]:

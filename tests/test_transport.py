@@ -512,6 +512,56 @@ async def test_malformed_request_gets_400_and_the_server_keeps_serving(
     assert (await peer.response_to(parse_message(good).call_id)).status == 200
 
 
+def register(port: int, contact: str, *, cseq: int, expires: str | None = "3600") -> bytes:
+    return (
+        "REGISTER sip:example.com SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK{uuid.uuid4().hex[:12]};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:alice@example.com>;tag=reg1\r\n"
+        "To: <sip:alice@example.com>\r\n"
+        "Call-ID: reg-call@10.0.0.1\r\n"
+        f"CSeq: {cseq} REGISTER\r\n"
+        + (f"Contact: {contact}\r\n" if contact else "")
+        + (f"Expires: {expires}\r\n" if expires is not None else "")
+        + "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+async def test_register_through_the_server_with_a_manual_clock(
+    net: Net, sip_server: tuple[SipServer, int]
+) -> None:
+    server, port = sip_server
+    now = [1000.0]
+    server.clock = lambda: now[0]
+    peer = await net.udp()
+    contact = "<sip:alice@10.0.0.1:5060>"
+
+    async def send(msg: bytes) -> Response:
+        peer.send(msg, port)
+        return await peer.response_to("reg-call@10.0.0.1")
+
+    ok = await send(register(port, contact, cseq=1))
+    assert ok.status == 200
+    assert ok.headers.values("Contact") == ["<sip:alice@10.0.0.1:5060>;expires=3600"]
+    (b,) = await server.store.load("sip:alice@example.com", now[0])
+    assert b.expires_at == 4600.0  # 1000 + 3600, added once
+    assert b.source == f"udp:{HOST}:{peer.port}"  # the flow it really came from
+
+    now[0] += 600  # a query ten minutes later
+    ok = await send(register(port, "", cseq=2, expires=None))
+    assert ok.headers.values("Contact") == ["<sip:alice@10.0.0.1:5060>;expires=3000"]
+
+    brief = await send(register(port, contact, cseq=3, expires="10"))
+    assert (brief.status, brief.headers.get("Min-Expires")) == (423, "60")
+
+    stale = await send(register(port, contact, cseq=1))  # the binding holds CSeq 1
+    assert stale.status == 500  # same Call-ID, CSeq not higher (§10.3 step 7)
+
+    now[0] = 4600.0  # the binding has run out
+    ok = await send(register(port, "", cseq=4, expires=None))
+    assert ok.status == 200 and ok.headers.values("Contact") == []
+
+
 def _mutations(corpus: list[bytes], rnd: random.Random, count: int) -> list[bytes]:
     out: list[bytes] = []
     for _ in range(count):
