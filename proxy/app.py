@@ -16,6 +16,7 @@ from dht_adaptor.location import LocationError, LocationStore, MemoryStore
 from dht_adaptor.node import DhtNode
 
 from .config import Config
+from .dht_routing import DhtRouter
 from .server import SipServer
 
 if TYPE_CHECKING:
@@ -188,6 +189,10 @@ async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
             republish_interval=config.dht_republish,
         )  # fmt: skip
         server.registrar.attach_dht(adaptor)
+        server.proxy.dht = DhtRouter(
+            server.proxy, adaptor, adaptor.home,
+            cache_ttl=config.dht_cache_ttl, lookup_timeout=config.dht_lookup_timeout,
+        )  # fmt: skip
         adaptor.start()
         await server.registrar.republish_all()
         await _wait_for_signal(ready)

@@ -4,6 +4,7 @@
 ``dht``     a standalone DHT node (the ``dht`` service of a site's compose file)
 ``keygen``  the site's Ed25519 key pair, DIR/site.key and DIR/site.pub
 ``lookup``  the verified bindings the DHT holds for an AOR, as JSON (exit 1: none)
+``ping``    does a DHT node answer? (exit 0 if it does, 1 if not: a healthcheck)
 """
 
 from __future__ import annotations
@@ -88,12 +89,16 @@ def _parser() -> argparse.ArgumentParser:
     lookup.add_argument("--bootstrap", action="append", metavar="HOST:PORT", required=True)
     lookup.add_argument("--trust", dest="trust_dir", metavar="DIR")
     lookup.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+
+    ping = sub.add_parser("ping", help="check that a DHT node answers (exit 1 if not)")
+    ping.add_argument("node", metavar="HOST:PORT")
+    ping.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     return p  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    own = {"command", "config", "aor", "timeout", "force"}
+    own = {"command", "config", "aor", "timeout", "force", "node"}
     flags = {k: v for k, v in vars(args).items() if k not in own}
     config_file = getattr(args, "config", None)
     if config_file is None and os.environ.get("P2PSIP_CONFIG"):
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return _keygen(config, args.force)
     if args.command == "lookup":
         return _lookup(config, args.aor, args.timeout)
+    if args.command == "ping":
+        return _ping(args.node, args.timeout)
     from .app import StartupError, run_dht, run_site
 
     try:
@@ -154,6 +161,22 @@ def _lookup(config: Config, aor_text: str, timeout: float) -> int:
         print(f"p2psip: no bindings found for {aor_text}", file=sys.stderr)
         return 1
     print(text)
+    return 0
+
+
+def _ping(node: str, timeout: float) -> int:
+    from .config import parse_hostport
+    from .lookup import LookupError_, ping_node
+
+    try:
+        addr = parse_hostport(node, "ping", 6084)
+        ok = asyncio.run(ping_node(addr, timeout))
+    except (ConfigError, LookupError_) as exc:
+        return _fail(str(exc))
+    if not ok:
+        print(f"p2psip: no DHT node answered at {addr}", file=sys.stderr)
+        return 1
+    print(f"DHT node at {addr} answered")
     return 0
 
 

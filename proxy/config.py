@@ -95,6 +95,8 @@ class Config:
     # DHT adaptor
     dht_rpc_timeout: float = 0.5
     dht_republish: float = 600.0
+    dht_cache_ttl: float = 10.0  # seconds a DHT lookup result serves later calls
+    dht_lookup_timeout: float = 3.0
 
     def __repr__(self) -> str:  # never show the admin token
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -171,6 +173,8 @@ _SCALARS: dict[str, Any] = {
     "tcp_partial_timeout": _float,
     "dht_rpc_timeout": _float,
     "dht_republish": _float,
+    "dht_cache_ttl": _float,
+    "dht_lookup_timeout": _float,
 }
 _LISTS: dict[str, Any] = {
     "domains": _domain,

@@ -7,7 +7,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from .config import Config, is_loopback
+from .config import Config, HostPort, is_loopback
 from .sip.errors import ParseError
 from .sip.headers import parse_name_addr
 from .sip.uri import aor_of
@@ -93,3 +93,22 @@ async def _find(node: DhtNode, config: Config, aor: str) -> tuple[DhtBinding, ..
     if peers == 0:
         raise DhtUnavailable("no bootstrap node answered")
     return await node.get(aor)
+
+
+async def ping_node(addr: HostPort, timeout: float) -> bool:
+    """True if the DHT node at ``addr`` answers a ping within ``timeout`` seconds."""
+    from dht_adaptor.keys import TrustStore
+    from dht_adaptor.node import DhtNode
+    from dht_adaptor.record_store import MemoryRecordStore
+
+    if not timeout > 0:
+        raise LookupError_("--timeout must be positive")
+    trust = TrustStore({})
+    node = DhtNode(MemoryRecordStore(trust), trust, rpc_timeout=timeout)
+    try:
+        await node.listen("127.0.0.1" if is_loopback(addr.host) else "0.0.0.0", 0)
+        return await asyncio.wait_for(node.bootstrap([(addr.host, addr.port)]), timeout + 1) > 0
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        await node.close()

@@ -17,8 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dht_adaptor.node import DhtError
+
 from dht_adaptor.location import Binding, LocationError
 
+from .dht_routing import STALE_STATUSES, DhtRouter, is_relayed
 from .sip import transaction as tx
 from .sip.errors import SipError
 from .sip.forwarding import (
@@ -48,10 +51,11 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, PRACK, UPDATE, INFO, MESSA
 
 
 class RoutingError(SipError):
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.status_code = status
         self.reason = reason
+        self.retry_after = retry_after
 
 
 @dataclass(slots=True)
@@ -59,6 +63,10 @@ class Target:
     uri: str | None  # new Request-URI, or None to keep it
     flow: Flow
     path: tuple[str, ...] = ()
+    # Set for a home proxy found in the DHT (see proxy.dht_routing).
+    dht_aor: str | None = None
+    dht_ruri: SipUri | None = None
+    from_cache: bool = False
 
 
 def _is_ip(host: str) -> bool:
@@ -76,6 +84,7 @@ class ProxyCore:
         self.domains = cfg.domains
         self.me = ProxyIdentity(cfg.advertise or cfg.sip_listen.host, cfg.sip_listen.port, cfg.domains)
         self.auth: Any | None = None
+        self.dht: DhtRouter | None = None
         self._dns: dict[str, tuple[float, str]] = {}
 
     def set_address(self, port: int) -> None:
@@ -133,24 +142,45 @@ class ProxyCore:
         check_loop(req, self.me, h)
         preprocess_routes(req, self.me)
         in_dialog = req.to.tag is not None
+        relayed = is_relayed(req.ruri)
+        # A request relayed by another site's proxy was authenticated there; it can only
+        # reach local bindings here (never the DHT), like any call from outside.
         if (
             self.auth is not None
             and not in_dialog
+            and not relayed
             and req.method in ("INVITE", "MESSAGE", "SUBSCRIBE", "REFER")
             and self._from_local_user(req)
         ):
             if self.auth.authenticate(stx, proxy=True) is None:
                 return
-        targets = await self._targets(req, in_dialog)
+        self.start_context(stx, req, h, await self._targets(req, in_dialog, relayed))
+
+    def start_context(self, stx: ServerTx, req: Request, h: str, targets: list[Target]) -> None:
         ctx = ProxyContext(self, stx, req, targets, h)
         stx.context = ctx
         ctx.start()
+
+    async def retry_dht(self, ctx: ProxyContext) -> None:
+        """RFC-wise a new set of branches of the same request: the cached bindings of
+        ``ctx`` failed, so look the AOR up afresh and try the home proxies found."""
+        assert self.dht is not None and ctx.dht_aor is not None and ctx.dht_ruri is not None
+        try:
+            found = await self.dht.route(ctx.dht_aor, ctx.dht_ruri, fresh=True)
+        except (DhtError, TimeoutError) as exc:
+            log.warning("DHT lookup of %s failed: %s", ctx.dht_aor, exc)
+            found = None
+        if found is None or ctx.cancelled:
+            ctx.forward_held()
+            return
+        self.server.stats.inc("dht_retries")
+        self.start_context(ctx.stx, ctx.request, ctx.hash, found.targets)
 
     def _from_local_user(self, req: Request) -> bool:
         uri = req.from_.uri
         return isinstance(uri, SipUri) and self.serves(uri)
 
-    async def _targets(self, req: Request, in_dialog: bool) -> list[Target]:
+    async def _targets(self, req: Request, in_dialog: bool, relayed: bool) -> list[Target]:
         hop = next_hop_uri(req)
         if hop is not None:
             return [Target(None, await self.resolve(hop))]
@@ -158,12 +188,12 @@ class ProxyCore:
         if isinstance(ruri, TelUri) and self.domains:
             ruri = SipUri("sip", ruri.number, self.domains[0])
         if not in_dialog and isinstance(ruri, SipUri) and ruri.user and self.serves(ruri):
-            return await self._lookup(aor_of(ruri))
+            return await self._lookup(aor_of(ruri), ruri, req, relayed)
         if not isinstance(ruri, SipUri):
             raise RoutingError(404, "Not Found")
         return [Target(None, await self.flow_for_uri(ruri))]
 
-    async def _lookup(self, aor: str) -> list[Target]:
+    async def _lookup(self, aor: str, ruri: SipUri, req: Request, relayed: bool) -> list[Target]:
         registrar = self.server.registrar
         try:
             bindings = await registrar.lookup(aor)
@@ -171,6 +201,11 @@ class ProxyCore:
             log.error("lookup %s failed: %s", aor, exc)
             raise RoutingError(503, "Location Service Unavailable") from None
         if not bindings:
+            # Local bindings win; with none, the DHT may know the user's home proxies.
+            if self.dht is not None and not relayed:
+                targets = await self._dht_targets(aor, ruri, req)
+                if targets:
+                    return targets
             if registrar.is_known(aor):
                 raise RoutingError(480, "Temporarily Unavailable")
             raise RoutingError(404, "Not Found")
@@ -184,6 +219,20 @@ class ProxyCore:
         if not targets:
             raise RoutingError(480, "Temporarily Unavailable")
         return targets
+
+    async def _dht_targets(self, aor: str, ruri: SipUri, req: Request) -> list[Target]:
+        assert self.dht is not None
+        try:
+            found = await self.dht.route(aor, ruri)
+        except (DhtError, TimeoutError) as exc:
+            log.warning("%s %s: DHT lookup of %s failed: %s", req.method, req.call_id, aor, exc)
+            raise RoutingError(503, "Location Service Unavailable", retry_after=5) from None
+        if found is None:
+            return []
+        self.server.stats.inc("calls_routed_dht")
+        for t in found.targets:
+            t.dht_aor, t.dht_ruri, t.from_cache = aor, ruri, found.from_cache
+        return found.targets
 
     async def flow_for_binding(self, b: Binding) -> Flow:
         from .sip.headers import parse_name_addr
@@ -309,6 +358,14 @@ class ProxyContext:
         self.branches: list[Branch] = []
         self.responses = ResponseContext(len(targets))
         self.cancelled = False
+        # Routed through the DHT: a stale-looking failure drops the cached lookup, and
+        # if the targets came from the cache, the final response waits for one retry.
+        first = targets[0] if targets else None
+        self.dht_aor = first.dht_aor if first is not None else None
+        self.dht_ruri = first.dht_ruri if first is not None else None
+        self.from_cache = first is not None and first.from_cache
+        self.stale = False
+        self.held_final: Response | None = None
 
     def start(self) -> None:
         req = self.request
@@ -356,6 +413,8 @@ class ProxyContext:
         up = resp.copy()
         up.headers.pop_first_value("Via")
         status = resp.status
+        if status in STALE_STATUSES:
+            self._saw_stale()
         if status < 200:
             if not b.provisional:
                 b.provisional = True
@@ -377,15 +436,31 @@ class ProxyContext:
         if b.timer_c is not None:
             b.timer_c.cancel()
         status = 487 if self.cancelled else 408
+        self._saw_stale()
         self._apply(self.responses.on_response(i, make_response(self.request, status)))
+
+    def _saw_stale(self) -> None:
+        if self.dht_aor is not None and self.core.dht is not None:
+            self.stale = True
+            self.core.dht.failed(self.dht_aor)
 
     def _apply(self, decision: Any) -> None:
         for resp in decision.forward:
             if self.cancelled and resp.status == 408:
                 resp = make_response(self.request, 487)
+            if resp.status >= 300 and self.stale and self.from_cache and not self.cancelled:
+                self.held_final = resp
+                self.server.spawn(self.core.retry_dht(self))
+                continue
             self.server.respond(self.stx, resp)
         if decision.cancel_pending:
             self.cancel()
+
+    def forward_held(self) -> None:
+        resp = self.held_final
+        if resp is not None:
+            self.held_final = None
+            self.server.respond(self.stx, make_response(self.request, 487) if self.cancelled else resp)
 
     def cancel(self) -> None:
         """CANCEL every branch still pending (§16.10); one without a provisional waits."""

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from dht_adaptor.location import LocationStore
 
 from .config import Config
-from .stats import Stats
 from .sip import transaction as tx
 from .sip.errors import ParseError, SipError
 from .sip.message import (
@@ -32,6 +31,7 @@ from .sip.message import (
     validate_request,
     validate_response,
 )
+from .stats import Stats
 from .transport import Flow, TransportLayer
 
 if TYPE_CHECKING:
@@ -230,6 +230,9 @@ class SipServer:
         except SipError as exc:
             log.info("%s %s: %s", req.method, req.call_id, exc)
             extra = [("Unsupported", ", ".join(exc.options))] if hasattr(exc, "options") else []
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after:
+                extra.append(("Retry-After", str(retry_after)))
             self.respond(
                 stx, make_response(req, exc.status_code, _reason(exc), to_tag=stx.to_tag, extra=extra)
             )

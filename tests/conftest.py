@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.support.phone",
     "tests.support.sipp",
     "tests.support.site",
+    "tests.support.deployment",
 ]

@@ -1,0 +1,127 @@
+"""Calls across sites through the DHT: three sites on 127.0.0.2/3/4, real pjsua2 phones.
+
+Each site runs its compose services (a standalone DHT node and the proxy, see
+tests/support/deployment.py); site 2's DHT node bootstraps the others. No central server.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.deployment import Deployment, SiteProcesses
+from tests.support.site import ROOT
+
+pytestmark = pytest.mark.e2e
+
+DOMAIN = "example.com"
+
+
+def lookup(deployment: Deployment, site: SiteProcesses, user: str) -> dict[str, object] | None:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "proxy.cli", "lookup", f"sip:{user}@{DOMAIN}",
+            "--bootstrap", site.dht, "--trust", str(deployment.trust_dir),
+            "--data-dir", str(site.data_dir), "--timeout", "5",
+        ],
+        capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"},
+    )  # fmt: skip
+    if proc.returncode == 1:
+        return None
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def wait_found(deployment: Deployment, site: SiteProcesses, user: str, homes: set[str]) -> None:
+    """Wait until the DHT (asked through ``site``) holds ``user`` at exactly ``homes``."""
+    deadline = time.monotonic() + 10
+    seen = None
+    while time.monotonic() < deadline:
+        seen = lookup(deployment, site, user)
+        if seen is not None and {b["home"] for b in seen["bindings"]} == homes:  # type: ignore[attr-defined]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{user} not found at {homes} through {site.name}: {seen}")
+
+
+def home(site: SiteProcesses) -> str:
+    return f"sip:{site.host}:{site.sip_port}"
+
+
+def call(caller, callee, target: str) -> None:
+    caller.call(target)
+    callee.wait_incoming(timeout=15)
+    callee.answer(200)
+    a = caller.wait_state("CONFIRMED", timeout=15)
+    b = callee.wait_state("CONFIRMED", timeout=15)
+    assert a["call_id"] == b["call_id"]
+    caller.hangup()  # the BYE goes back through both proxies (Record-Route)
+    callee.wait_state("DISCONNECTED", timeout=15)
+    caller.wait_state("DISCONNECTED", timeout=15)
+
+
+def test_phones_at_different_sites_call_through_the_dht(deployment, phone_factory) -> None:
+    s2, s3, s4 = deployment.start_sites([2, 3, 4])
+    alice = phone_factory("alice", bind_ip=s2.host)
+    bob = phone_factory("bob", bind_ip=s4.host)
+    assert alice.register(s2.sip, "alice", DOMAIN) == 200
+    assert bob.register(s4.sip, "bob", DOMAIN) == 200
+    wait_found(deployment, s3, "bob", {home(s4)})
+    call(alice, bob, f"sip:bob@{DOMAIN}")
+    call(bob, alice, f"sip:alice@{DOMAIN}")
+
+    # A whole site goes down; the two others keep calling each other.
+    s3.stop()
+    carol = phone_factory("carol", bind_ip=s2.host)
+    dave = phone_factory("dave", bind_ip=s4.host, transport="tcp")
+    assert carol.register(s2.sip, "carol", DOMAIN) == 200
+    assert dave.register(s4.sip, "dave", DOMAIN) == 200
+    wait_found(deployment, s2, "dave", {home(s4)})
+    call(carol, dave, f"sip:dave@{DOMAIN}")
+    call(dave, carol, f"sip:carol@{DOMAIN}")
+
+
+def test_user_at_two_sites_rings_at_both_first_answer_wins(deployment, phone_factory) -> None:
+    s2, s3, s4 = deployment.start_sites([2, 3, 4])
+    caller = phone_factory("caller", bind_ip=s3.host)
+    desk = phone_factory("bob-desk", bind_ip=s2.host)
+    mobile = phone_factory("bob-mobile", bind_ip=s4.host)
+    assert caller.register(s3.sip, "caller", DOMAIN) == 200
+    assert desk.register(s2.sip, "bob", DOMAIN) == 200
+    assert mobile.register(s4.sip, "bob", DOMAIN) == 200
+    wait_found(deployment, s3, "bob", {home(s2), home(s4)})
+    caller.call(f"sip:bob@{DOMAIN}")
+    desk.wait_incoming(timeout=15)
+    mobile.wait_incoming(timeout=15)
+    mobile.answer(200)
+    caller.wait_state("CONFIRMED", timeout=15)
+    assert desk.wait_state("DISCONNECTED", timeout=15)["code"] == 487  # CANCELled
+    caller.hangup()
+    mobile.wait_state("DISCONNECTED", timeout=15)
+
+
+def test_user_who_moves_is_reached_at_the_new_site(deployment, phone_factory) -> None:
+    s2, s3, s4 = deployment.start_sites([2, 3, 4])
+    caller = phone_factory("caller", bind_ip=s3.host)
+    assert caller.register(s3.sip, "caller", DOMAIN) == 200
+    at_work = phone_factory("erin-work", bind_ip=s2.host)
+    assert at_work.register(s2.sip, "erin", DOMAIN) == 200
+    wait_found(deployment, s3, "erin", {home(s2)})
+    call(caller, at_work, f"sip:erin@{DOMAIN}")
+    assert at_work.unregister() == 200  # leaves site 2 ...
+    at_home = phone_factory("erin-home", bind_ip=s4.host)
+    assert at_home.register(s4.sip, "erin", DOMAIN) == 200  # ... and registers at site 4
+    wait_found(deployment, s3, "erin", {home(s4)})
+    call(caller, at_home, f"sip:erin@{DOMAIN}")
+
+
+def test_unknown_user_everywhere_gets_404(deployment, phone_factory) -> None:
+    s2, _s3, _s4 = deployment.start_sites([2, 3, 4])
+    alice = phone_factory("alice", bind_ip=s2.host)
+    assert alice.register(s2.sip, "alice", DOMAIN) == 200
+    alice.call(f"sip:nobody@{DOMAIN}")
+    assert alice.wait_state("DISCONNECTED", timeout=15)["code"] == 404
