@@ -87,7 +87,15 @@ class StreamFramer:
 
     @staticmethod
     def _content_length(head: bytes) -> int:
+        # Unfold first (RFC 3261 §7.3.1), as the parser does: a line starting with
+        # whitespace continues the previous field and is never a header of its own.
+        lines: list[bytes] = []
         for line in head.split(b"\r\n")[1:]:
+            if line[:1] in (b" ", b"\t") and lines:
+                lines[-1] += b" " + line.strip(b" \t")
+            else:
+                lines.append(line)
+        for line in lines:
             name, sep, value = line.partition(b":")
             if sep and name.strip().lower() in (b"content-length", b"l"):
                 try:

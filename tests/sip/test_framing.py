@@ -115,6 +115,27 @@ def test_zero_length_body() -> None:
     assert StreamFramer().feed(msg) == [Frame(msg)]
 
 
+def test_folded_line_is_not_a_content_length_header() -> None:
+    # "Subject: hi\r\n Content-Length: 0" is one Subject field (RFC 3261 §7.3.1). Were
+    # the framer to take it for the length, the body would become the next "message".
+    msg = options(body=b"0123456789").replace(
+        b"Max-Forwards", b"Subject: hi\r\n Content-Length: 0\r\nMax-Forwards"
+    )
+    framer = StreamFramer()
+    assert frames(framer.feed(msg)) == [msg]
+    assert framer.pending == 0
+    parsed = parse_message(msg, stream=True)
+    assert parsed.body == b"0123456789"
+    assert parsed.headers.get("Subject") == "hi Content-Length: 0"
+
+
+def test_folded_content_length_value() -> None:
+    msg = options(body=b"abc").replace(b"Content-Length: 3", b"Content-Length:\r\n 3")
+    tail = options(2)
+    assert frames(StreamFramer().feed(msg + tail)) == [msg, tail]
+    assert parse_message(msg, stream=True).body == b"abc"
+
+
 def test_missing_content_length_is_refused_on_a_stream() -> None:
     # RFC 3261 §18.3: on a stream the length is the only way to find the message end.
     msg = options().replace(b"Content-Length: 0\r\n", b"")
