@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,16 +88,40 @@ def build_auth(config: Config, server: SipServer) -> None:
     log.info("digest authentication on for %d user(s), realm %r", len(users), realm)
 
 
-async def _wait_for_signal(ready: asyncio.Event | None) -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT/SIGTERM; installed first, so a signal during start-up
+    still means a clean stop (exit status 0), not death by the default handler."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve_until(stop: asyncio.Event, ready: asyncio.Event | None) -> None:
     if ready is not None:
         ready.set()
     await stop.wait()
     log.info("stopping")
+
+
+async def keep_joined(node: DhtNode, config: Config) -> None:
+    """Join through the bootstrap nodes, and again whenever every peer is gone (the
+    bootstrap node may start after us, as in docker-compose, or come back later)."""
+    addrs = [(b.host, b.port) for b in config.bootstrap]
+    joined = False
+    while True:
+        if not node.peers():
+            peers = await node.bootstrap(addrs)
+            if peers and not joined:
+                log.info("joined the overlay: %d peer(s) known", peers)
+            elif not peers:
+                log.warning(
+                    "no bootstrap node answered yet (%s)", ", ".join(map(str, config.bootstrap))
+                )
+            joined = peers > 0
+        await asyncio.sleep(2.0 if not joined else 30.0)
 
 
 async def open_dht(config: Config) -> tuple[DhtNode, SiteKey]:
@@ -120,18 +145,26 @@ async def open_dht(config: Config) -> tuple[DhtNode, SiteKey]:
         "DHT node %s on %s:%d, site key %s, %d trusted key(s)",
         node.node_id_hex[:12], listen.host, port, key.key_id, len(trust),
     )  # fmt: skip
-    if config.bootstrap:
-        peers = await node.bootstrap([(b.host, b.port) for b in config.bootstrap])
-        if peers:
-            log.info("joined the overlay: %d peer(s) known", peers)
-        else:
-            # Not fatal: the bootstrap node may start later; the node keeps trying.
-            log.warning(
-                "no bootstrap node answered yet (%s)", ", ".join(map(str, config.bootstrap))
-            )
-    else:
+    if not config.bootstrap:
         log.info("no --bootstrap: this node starts a new overlay")
     return node, key
+
+
+@contextlib.asynccontextmanager
+async def joined(node: DhtNode, config: Config) -> AsyncIterator[None]:
+    """Keep ``node`` joined in the background (not blocking start-up) while inside."""
+    task = (
+        asyncio.get_running_loop().create_task(keep_joined(node, config))
+        if config.bootstrap
+        else None
+    )
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def open_record_store(config: Config, trust: TrustStore) -> RecordStore:
@@ -154,9 +187,11 @@ async def open_record_store(config: Config, trust: TrustStore) -> RecordStore:
 
 async def run_dht(config: Config, ready: asyncio.Event | None = None) -> None:
     """``p2psip dht``: a standalone node that stores and serves records, nothing else."""
+    stop = _stop_on_signals()
     node, _key = await open_dht(config)
     try:
-        await _wait_for_signal(ready)
+        async with joined(node, config):
+            await _serve_until(stop, ready)
     finally:
         await node.close()
 
@@ -169,6 +204,7 @@ def home_uri(server: SipServer) -> str:
 
 
 async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
+    stop = _stop_on_signals()
     store = await open_store(config)
     server = SipServer(config, store)
     node: DhtNode | None = None
@@ -195,7 +231,8 @@ async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
         )  # fmt: skip
         adaptor.start()
         await server.registrar.republish_all()
-        await _wait_for_signal(ready)
+        async with joined(node, config):
+            await _serve_until(stop, ready)
     finally:
         await server.close()
         if adaptor is not None:

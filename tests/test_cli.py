@@ -335,8 +335,12 @@ def test_lists_from_each_source_replace_not_merge(tmp_path: Path) -> None:
 def test_bootstrap_list(tmp_path: Path) -> None:
     cfg = build_config({"bootstrap": ["10.0.0.1:4000", "[2001:db8::1]:4001"]}, env={})
     assert cfg.bootstrap == (HostPort("10.0.0.1", 4000), HostPort("2001:db8::1", 4001))
-    with pytest.raises(ConfigError, match="missing port"):
-        build_config({"bootstrap": ["10.0.0.1"]}, env={})
+    # Without a port, a bootstrap node is at the default DHT port.
+    assert build_config({"bootstrap": ["10.0.0.1"]}, env={}).bootstrap == (
+        HostPort("10.0.0.1", 6084),
+    )
+    with pytest.raises(ConfigError, match="bad port"):
+        build_config({"bootstrap": ["10.0.0.1:x"]}, env={})
 
 
 def test_empty_env_value_is_ignored(tmp_path: Path) -> None:
