@@ -166,11 +166,15 @@ def load_public_key(path: Path) -> bytes:
     return public.public_bytes(*_RAW)
 
 
+VERIFIED_CACHE_SIZE = 65_536  # bindings remembered as verified (about 30 MB at most)
+
+
 class TrustStore:
     """The public keys whose bindings this site believes, by key id."""
 
     def __init__(self, keys: Mapping[str, bytes]) -> None:
         self._keys: dict[str, Ed25519PublicKey] = {}
+        self._verified: dict[DhtBinding, None] = {}  # insertion-ordered: oldest first
         for kid, public_bytes in keys.items():
             if len(public_bytes) != 32 or key_id(public_bytes) != kid:
                 raise ValueError(f"key id {kid!r} does not match its 32-byte public key")
@@ -209,14 +213,25 @@ class TrustStore:
         return iter(sorted(self._keys))
 
     def verify(self, b: DhtBinding) -> bool:
-        """True iff ``b.key_id`` is trusted and its signature is valid. Never raises."""
+        """True iff ``b.key_id`` is trusted and its signature is valid. Never raises.
+
+        Bindings that verified are remembered (a bounded cache keyed by the whole
+        binding, signature included): a record is checked when it is put, stored,
+        read and merged, and an Ed25519 verification costs a few hundred microseconds.
+        Only successes are cached, so junk cannot fill the cache.
+        """
         try:
+            if b in self._verified:
+                return True
             public = self._keys.get(b.key_id)
             if public is None or not isinstance(b.signature, bytes) or len(b.signature) != 64:
                 return False
             public.verify(b.signature, b.signing_bytes())
         except (InvalidSignature, AttributeError, TypeError, ValueError):
             return False  # AttributeError etc.: not a binding, or one with junk fields
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[b] = None
         return True
 
     def filter(self, bindings: Iterable[DhtBinding]) -> tuple[tuple[DhtBinding, ...], int]:

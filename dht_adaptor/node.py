@@ -644,6 +644,7 @@ class DhtNode:
         self._counters = DhtStats()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._had_peers = False
         self._address: Address | None = None
         self._server = _Server(
             self._make_protocol, self._spawn, ksize=ksize, alpha=alpha, node_id=node_id
@@ -751,11 +752,17 @@ class DhtNode:
         protocol = self._server.protocol
         if protocol is None:
             return []
-        return [
+        found = [
             (bytes(n.id).hex(), n.ip, n.port)
             for bucket in protocol.router.buckets
             for n in bucket.get_nodes()
         ]
+        self._had_peers = self._had_peers or bool(found)
+        return found
+
+    def _alone(self) -> bool:
+        """True while this node has never known a peer: it is the whole overlay."""
+        return not self.peers() and not self._had_peers
 
     async def _closest(self, target: Node) -> list[Node]:
         protocol = self._protocol
@@ -802,6 +809,13 @@ class DhtNode:
         value = encode_record(bindings)
         target = Node(key)
         nodes = await self._closest(target)
+        if not nodes and self._alone():
+            # A node that never knew a peer is the whole overlay (a lone site, the first
+            # node before others join): it is the closest node, so it keeps the record,
+            # and republishes it to closer nodes once they join.
+            if (await self._store.merge_in(key, value, self._clock())).ok:
+                return 1
+            raise DhtRejected(f"the local store refused the record of {aor!r}")
         if not nodes:
             raise DhtUnavailable(f"no DHT peer answered to store {aor!r}")
         local = self._we_are_close(target, nodes)
@@ -859,7 +873,8 @@ class DhtNode:
             closest = await lookup.run(find_value=True)
             answered = lookup.answered
             found = {nid: self._admit_answer(key, v) for nid, v in lookup.values.items()}
-        if not answered and not local:
+        if not answered and not local and not (not peers and self._alone()):
+            # (A node that never knew a peer is the whole overlay: "none" is the answer.)
             raise DhtUnavailable(f"no DHT node answered for {aor!r}")
         merged = merge(local, *found.values(), now=now)
         if merged:

@@ -309,14 +309,14 @@ async def lone(sites: Sites) -> AsyncIterator[DhtNode]:
         await node.close()
 
 
-async def test_a_node_without_peers_is_unavailable(lone: DhtNode, sites: Sites) -> None:
+async def test_a_node_without_peers_is_the_whole_overlay(lone: DhtNode, sites: Sites) -> None:
+    # A lone site (the embedded default) keeps and serves its records itself.
     aor = "sip:heidi@example.com"
-    with pytest.raises(DhtUnavailable):
-        await lone.put(aor, [bind(sites.paris, aor, "sip:heidi@10.0.0.8", site="paris")])
-    with pytest.raises(DhtUnavailable):
-        await lone.get(aor)
+    assert await lone.get(aor) == ()
+    assert await lone.put(aor, [bind(sites.paris, aor, "sip:heidi@10.0.0.8", site="paris")]) == 1
+    assert [b.contact for b in await lone.get(aor)] == ["sip:heidi@10.0.0.8"]
     assert lone.peers() == []
-    assert lone.stats()["puts_failed"] == 1 and lone.stats()["gets_failed"] == 1
+    assert lone.stats()["puts_failed"] == 0 and lone.stats()["gets_failed"] == 0
 
 
 async def test_a_node_whose_peers_died(lone: DhtNode, sites: Sites) -> None:
