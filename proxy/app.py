@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -196,6 +198,28 @@ async def run_dht(config: Config, ready: asyncio.Event | None = None) -> None:
         await node.close()
 
 
+def site_stats(
+    server: SipServer, adaptor: DhtAdaptor | None, node: DhtNode | None
+) -> dict[str, float]:
+    """One flat snapshot of the site's counters (logged; served by the admin API)."""
+    out: dict[str, float] = dict(server.stats.snapshot())
+    if adaptor is not None:
+        out.update(adaptor.stats)
+        out["dht_backlog"] = adaptor.backlog
+    if node is not None:
+        out.update({f"dht_node_{k}": v for k, v in node.stats().items()})
+    router = server.proxy.dht
+    if router is not None:
+        out["dht_cache_hit_rate"] = round(router.cache.hit_rate, 4)
+    return out
+
+
+async def log_stats_every(interval: float, stats: Callable[[], dict[str, float]]) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        log.info("stats: %s", json.dumps(stats(), sort_keys=True))
+
+
 def home_uri(server: SipServer) -> str:
     """The SIP URI other sites reach this proxy at (the binding's home proxy)."""
     me = server.proxy.me
@@ -231,8 +255,14 @@ async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
         )  # fmt: skip
         adaptor.start()
         await server.registrar.republish_all()
-        async with joined(node, config):
-            await _serve_until(stop, ready)
+        snapshot = functools.partial(site_stats, server, adaptor, node)
+        stats_task = asyncio.get_running_loop().create_task(log_stats_every(60.0, snapshot))
+        try:
+            async with joined(node, config):
+                await _serve_until(stop, ready)
+        finally:
+            stats_task.cancel()
+            log.info("stats: %s", json.dumps(snapshot(), sort_keys=True))
     finally:
         await server.close()
         if adaptor is not None:

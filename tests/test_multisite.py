@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.support.deployment import Deployment, SiteProcesses
+from tests.support.sipp import free_port
 from tests.support.site import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -125,3 +126,33 @@ def test_unknown_user_everywhere_gets_404(deployment, phone_factory) -> None:
     assert alice.register(s2.sip, "alice", DOMAIN) == 200
     alice.call(f"sip:nobody@{DOMAIN}")
     assert alice.wait_state("DISCONNECTED", timeout=15)["code"] == 404
+
+
+def last_stats(svc) -> dict[str, float]:
+    """The proxy's final ``stats:`` log line (written as it stops)."""
+    lines = [ln for ln in svc.log_path.read_text().splitlines() if " stats: " in ln]
+    assert lines, svc.log()
+    return json.loads(lines[-1].split(" stats: ", 1)[1])
+
+
+def test_sipp_calls_across_sites_use_the_lookup_cache(deployment, sipp) -> None:
+    s2, _s3, s4 = deployment.start_sites([2, 3, 4])
+    callee_port = free_port()
+    registered = sipp.register_contact((s4.host, s4.sip_port), "bob", callee_port, domain=DOMAIN)
+    assert registered.ok, registered.report()
+    wait_found(deployment, s2, "bob", {home(s4)})
+    uas = sipp.start_uas(port=callee_port)
+    calls = 100
+    caller = sipp.call(
+        (s2.host, s2.sip_port), "bob", domain=DOMAIN, calls=calls, rate=20, timeout_s=60
+    )
+    callee = uas.stop()
+    assert (caller.successful, caller.failed) == (calls, 0), caller.report()
+    assert (callee.successful, callee.failed) == (calls, 0), callee.report()
+
+    s2.services["proxy"].stop()
+    stats = last_stats(s2.services["proxy"])
+    assert stats["calls_routed_dht"] == calls
+    # A burst of calls to one user costs a handful of lookups, not one per call.
+    assert 1 <= stats["dht_lookups"] <= calls // 10, stats
+    assert stats["dht_cache_hits"] >= calls - stats["dht_lookups"], stats
