@@ -140,7 +140,7 @@ def _keygen(config: Config, force: bool) -> int:
         return _fail(f"{path} already exists (use --force to replace it)")
     try:
         key = SiteKey.generate()
-        key.save(config.data_dir)
+        key.save(config.data_dir, overwrite=force)
     except KeyFileError as exc:
         return _fail(str(exc))
     print(f"wrote {path} and {config.data_dir / 'site.pub'} (key id {key.key_id})")

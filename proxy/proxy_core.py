@@ -170,7 +170,10 @@ class ProxyCore:
         except (DhtError, TimeoutError) as exc:
             log.warning("DHT lookup of %s failed: %s", ctx.dht_aor, exc)
             found = None
-        if found is None or ctx.cancelled:
+        tried = {b.flow for b in ctx.branches}
+        if found is None or ctx.cancelled or {t.flow for t in found.targets} <= tried:
+            # Nothing new to try (the same home proxies failed): answer now, within
+            # the one Timer B/F the caller already waited.
             ctx.forward_held()
             return
         self.server.stats.inc("dht_retries")
