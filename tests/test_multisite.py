@@ -7,6 +7,7 @@ tests/support/deployment.py); site 2's DHT node bootstraps the others. No centra
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -156,3 +157,19 @@ def test_sipp_calls_across_sites_use_the_lookup_cache(deployment, sipp) -> None:
     # A burst of calls to one user costs a handful of lookups, not one per call.
     assert 1 <= stats["dht_lookups"] <= calls // 10, stats
     assert stats["dht_cache_hits"] >= calls - stats["dht_lookups"], stats
+
+
+def test_unreachable_home_proxy_gives_a_clean_failure(deployment, phone_factory) -> None:
+    s2, _s3, s4 = deployment.start_sites([2, 3, 4])
+    alice = phone_factory("alice", bind_ip=s2.host)
+    bob = phone_factory("bob", bind_ip=s4.host)
+    assert alice.register(s2.sip, "alice", DOMAIN) == 200
+    assert bob.register(s4.sip, "bob", DOMAIN) == 200
+    wait_found(deployment, s2, "bob", {home(s4)})
+    # Site 4's proxy dies; the DHT (site 4's standalone node too) still names it as home.
+    s4.services["proxy"].stop(signal.SIGKILL)
+    alice.call(f"sip:bob@{DOMAIN}")
+    # Timer B (64*T1 = 32 s) at site 2's proxy ends it with a final response, no hang.
+    state = alice.wait_state("DISCONNECTED", timeout=45)
+    assert state["code"] in (408, 480, 503), state
+    assert s2.services["proxy"].alive()
