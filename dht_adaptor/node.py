@@ -38,6 +38,7 @@ import random
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,9 @@ _UNPACK_ERRORS = (umsgpack.UnpackException, ValueError, OverflowError, Recursion
 _RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value"})
 
 _MIN_PATIENCE = 0.05  # seconds; see _Protocol.patience
-_PATIENCE_RTTS = 4
+_PATIENCE_FACTOR = 3.0
+_RTT_SAMPLES = 64
+_MIN_RTT_SAMPLES = 8
 
 Address = tuple[str, int]
 Bindings = tuple[DhtBinding, ...]
@@ -213,7 +216,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         self._family = socket.AF_INET
         self._signatures: dict[str, inspect.Signature] = {}
         self._hedge = hedge
-        self._srtt: float | None = None  # smoothed round-trip time of answered RPCs
+        self._rtts: deque[float] = deque(maxlen=_RTT_SAMPLES)  # of recent answered RPCs
         self._welcomed: dict[bytes, float] = {}  # node id -> loop time we replicated to it
 
     def connection_made(self, transport: Any) -> None:
@@ -358,18 +361,24 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         sent = loop.time()
         result: tuple[bool, Any] = await getattr(self, rpc)(address, self.source_node.id, *args)
         if result[0]:
-            rtt = loop.time() - sent
-            self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
+            self._rtts.append(loop.time() - sent)
         elif not self._closed:
             self._dead[address] = loop.time()
         return self.handle_call_response(result, node)
 
     def patience(self) -> float:
-        """How long a lookup waits for one answer before asking someone else meanwhile."""
+        """How long a lookup waits for one answer before asking someone else meanwhile:
+        a few times the median of recent round-trip times, within [50 ms, rpc_timeout].
+
+        Too short only costs an extra RPC (a straggler's late answer is still used); too
+        long makes every dead contact cost that long.
+        """
         if not self._hedge:
             return math.inf
-        srtt = self._wait_timeout if self._srtt is None else self._srtt
-        return float(min(self._wait_timeout, max(_MIN_PATIENCE, _PATIENCE_RTTS * srtt)))
+        if len(self._rtts) < _MIN_RTT_SAMPLES:
+            return float(self._wait_timeout)
+        median = sorted(self._rtts)[len(self._rtts) // 2]
+        return float(min(self._wait_timeout, max(_MIN_PATIENCE, _PATIENCE_FACTOR * median)))
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
         return await self._call(node_to_ask, "find_node", node_to_find.id)
@@ -506,6 +515,10 @@ class _Lookup:
         self._spawn = spawn
         self.nearest = NodeHeap(target, ksize)
         self.nearest.push(peers)
+        # Failed nodes and stragglers, kept out of ``nearest`` even when later answers list
+        # them again (kademlia's NodeHeap would take them back, already "contacted", and
+        # return dead nodes as the closest: a put then waited for their timeouts).
+        self._out: set[bytes] = set()
         self.answered = 0
         self.values: dict[bytes, object] = {}
 
@@ -513,10 +526,10 @@ class _Lookup:
         """The k closest nodes that answered, nearest first."""
         call = self._protocol.call_find_value if find_value else self._protocol.call_find_node
         loop = asyncio.get_running_loop()
-        patience = self._protocol.patience()
         pending: dict[asyncio.Task[tuple[bool, Any]], tuple[Node, float]] = {}
         active: set[asyncio.Task[tuple[bool, Any]]] = set()  # pending, not stragglers
         while True:
+            patience = self._protocol.patience()  # adapts as answers come in
             for peer in self.nearest.get_uncontacted()[: self._alpha - len(active)]:
                 self.nearest.mark_contacted(peer)
                 task = self._spawn(call(peer, self._target))
@@ -540,23 +553,30 @@ class _Lookup:
             )
             for task in done:
                 peer, _ = pending.pop(task)
-                if task not in active:
-                    self.nearest.push(peer)  # a straggler after all; remove() below if failed
                 active.discard(task)
                 failed = task.cancelled() or task.exception() is not None  # (logged)
                 ok, payload = (False, None) if failed else task.result()
                 if not ok:
-                    self.nearest.remove([peer.id])
-                elif isinstance(payload, dict) and find_value:
+                    self._set_aside(peer)
+                    continue
+                if peer.id in self._out:  # a straggler after all
+                    self._out.discard(peer.id)
+                    self.nearest.push(peer)
+                if isinstance(payload, dict) and find_value:
                     self.answered += 1
                     self.values[peer.id] = payload.get("value")
                 else:
                     self.answered += 1
-                    self.nearest.push(self._protocol.parse_nodes(payload))
+                    nodes = self._protocol.parse_nodes(payload)
+                    self.nearest.push([n for n in nodes if n.id not in self._out])
             now = loop.time()
             for task in [t for t in active if now - pending[t][1] >= patience]:
                 active.discard(task)
-                self.nearest.remove([pending[task][0].id])
+                self._set_aside(pending[task][0])
+
+    def _set_aside(self, peer: Node) -> None:
+        self._out.add(peer.id)
+        self.nearest.remove([peer.id])
 
 
 class _Server(Server):  # type: ignore[misc]

@@ -286,10 +286,10 @@ async def test_idle_tcp_connection_is_closed(net: Net, layer_factory: Make) -> N
 
 
 async def test_pings_keep_a_tcp_connection_open(net: Net, layer_factory: Make) -> None:
-    _, _, port = await layer_factory(idle_timeout=0.3, partial_timeout=5.0)
+    _, _, port = await layer_factory(idle_timeout=0.4, partial_timeout=5.0)
     reader, writer = await net.tcp(port)
-    for _ in range(5):  # 0.75 s in all: more than twice the idle timeout
-        await asyncio.sleep(0.15)
+    for _ in range(8):  # 0.8 s in all: twice the idle timeout
+        await asyncio.sleep(0.1)
         writer.write(b"\r\n\r\n")
         assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"\r\n"
     assert await closed_by_peer(reader, WAIT)  # and once they stop, it is closed

@@ -13,7 +13,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 import umsgpack
@@ -30,7 +30,8 @@ from dht_adaptor.record import (
     new_binding,
     tombstone_of,
 )
-from dht_adaptor.record_store import MemoryRecordStore
+from dht_adaptor.record_store import MemoryRecordStore, RedisRecordStore
+from tests.support.redis_server import RedisServer
 
 NODES = 32
 KSIZE = 10  # below the overlay size, so records live on a subset of the nodes
@@ -362,3 +363,79 @@ async def test_all_nodes_refusing_is_dht_rejected(sites: Sites) -> None:
     finally:
         await node.close()
         await peer.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_republish_and_sweep_run_on_their_own(sites: Sites) -> None:
+    clock = Clock()
+    aor = "sip:leo@example.com"
+    key = dht_key(aor)
+    keeper_store, peer_store = MemoryRecordStore(sites.trust), MemoryRecordStore(sites.trust)
+    every = {"republish_interval": 0.1, "sweep_interval": 0.05, "clock": clock}
+    keeper = DhtNode(keeper_store, sites.trust, **every)  # type: ignore[arg-type]
+    peer = DhtNode(peer_store, sites.trust, **every)  # type: ignore[arg-type]
+    try:
+        await keeper.listen("127.0.0.1", 0)
+        await peer.listen("127.0.0.1", 0)
+        await peer.bootstrap([keeper.address])
+        unsigned = new_binding(
+            aor=aor, contact="sip:leo@10.0.0.3", home="sip:p.example.com", site="paris",
+            version=1, now=clock.now, expires=60,
+        )  # fmt: skip
+        binding = sign_binding(unsigned, sites.paris)
+        assert (await keeper_store.merge_in(key, encode_record([binding]), clock.now)).ok
+
+        async def until(predicate: Callable[[], Awaitable[bool]]) -> None:
+            while not await predicate():
+                await asyncio.sleep(0.02)
+
+        async def peer_has_it() -> bool:
+            return await peer_store.get(key, clock.now) == (binding,)
+
+        async def both_forgot() -> bool:
+            return await keeper.stored_count() == 0 and await peer.stored_count() == 0
+
+        await asyncio.wait_for(until(peer_has_it), HANG_GUARD)  # republished
+        clock.now += 61
+        await asyncio.wait_for(until(both_forgot), HANG_GUARD)  # swept
+    finally:
+        await keeper.close()
+        await peer.close()
+
+
+async def test_a_node_restarted_on_redis_serves_what_it_held(
+    sites: Sites, redis_server: RedisServer
+) -> None:
+    aor = "sip:mallory@example.com"
+    binding = bind(sites.paris, aor, "sip:mallory@10.0.0.4", site="paris")
+    other = DhtNode(MemoryRecordStore(sites.trust), sites.trust)
+    store = RedisRecordStore(redis_server.url, sites.trust)
+    node = DhtNode(store, sites.trust)
+    restarted: DhtNode | None = None
+    try:
+        await other.listen("127.0.0.1", 0)
+        await node.listen("127.0.0.1", 0)
+        await node.bootstrap([other.address])
+        assert await other.put(aor, [binding]) == 2
+        await node.close()
+        await store.close()
+        store = RedisRecordStore(redis_server.url, sites.trust)
+        restarted = DhtNode(store, sites.trust, node_id=node.node_id)
+        await restarted.listen("127.0.0.1", 0)
+        assert await restarted.stored_count() == 1
+        assert await restarted.get(aor) == (binding,)  # no peers yet: the local copy
+        await restarted.bootstrap([other.address])
+        await other.close()  # the only other copy is gone
+        assert await restarted.get(aor) == (binding,)
+    finally:
+        for n in (other, node, restarted):
+            if n is not None:
+                await n.close()
+        await store.close()
