@@ -221,7 +221,7 @@ class TrustStore:
         Only successes are cached, so junk cannot fill the cache.
         """
         try:
-            if b in self._verified:
+            if b in self._verified or (b in _SIGNED_HERE and b.key_id in self._keys):
                 return True
             public = self._keys.get(b.key_id)
             if public is None or not isinstance(b.signature, bytes) or len(b.signature) != 64:
@@ -229,9 +229,7 @@ class TrustStore:
             public.verify(b.signature, b.signing_bytes())
         except (InvalidSignature, AttributeError, TypeError, ValueError):
             return False  # AttributeError etc.: not a binding, or one with junk fields
-        if len(self._verified) >= VERIFIED_CACHE_SIZE:
-            self._verified.pop(next(iter(self._verified)))
-        self._verified[b] = None
+        _remember(self._verified, b)
         return True
 
     def filter(self, bindings: Iterable[DhtBinding]) -> tuple[tuple[DhtBinding, ...], int]:
@@ -247,9 +245,27 @@ class TrustStore:
 
 
 def sign_binding(b: DhtBinding, key: SiteKey) -> DhtBinding:
-    """A copy of ``b`` with ``key_id`` set to ``key``'s and signed by it."""
+    """A copy of ``b`` with ``key_id`` set to ``key``'s and signed by it.
+
+    The result is remembered as correctly signed, so that this process's own trust
+    stores (the site's DHT node checks every binding it puts and stores) need not verify
+    it again: a verification costs more than the signature.
+    """
     unsigned = dataclasses.replace(b, key_id=key.key_id, signature=b"")
-    return dataclasses.replace(unsigned, signature=key.sign(unsigned.signing_bytes()))
+    signed = dataclasses.replace(unsigned, signature=key.sign(unsigned.signing_bytes()))
+    _remember(_SIGNED_HERE, signed)
+    return signed
+
+
+# Bindings this process signed itself; TrustStore.verify accepts them when it trusts
+# their key id (a key id is a hash of the public key that made the signature).
+_SIGNED_HERE: dict[DhtBinding, None] = {}
+
+
+def _remember(cache: dict[DhtBinding, None], b: DhtBinding) -> None:
+    if len(cache) >= VERIFIED_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[b] = None
 
 
 # -- files -----------------------------------------------------------------------------

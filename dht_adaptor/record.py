@@ -249,6 +249,37 @@ def encode_record(bindings: Sequence[DhtBinding], *, max_bytes: int = MAX_RECORD
     Every binding is checked with the decoder's rules first, so encode never produces a
     record that :func:`decode_record` would refuse.
     """
+    try:
+        # Exact types too: 1 == 1.0 == True, but only an int is a valid version.
+        typed = tuple(type(v) for b in bindings for v in _typed_fields(b))
+        key: tuple[object, ...] | None = (tuple(bindings), typed)
+        data = _encoded.get((tuple(bindings), typed))
+    except (TypeError, AttributeError):  # junk: let the checks below name it
+        key, data = None, None
+    if data is None:
+        data = _encode(bindings)
+        if key is not None:
+            # A REGISTER's record is encoded by the adaptor (size check), the node (put)
+            # and the store (merge): the same tuple each time on a lone node.
+            if len(_encoded) >= 1024:
+                _encoded.pop(next(iter(_encoded)))
+            _encoded[key] = data
+    if len(data) > max_bytes:
+        raise RecordTooLarge(
+            f"record of {len(bindings)} bindings is {len(data)} bytes, "
+            f"over the limit of {max_bytes}"
+        )
+    return data
+
+
+_encoded: dict[tuple[object, ...], bytes] = {}
+
+
+def _typed_fields(b: DhtBinding) -> tuple[object, ...]:
+    return (b.version, b.q, b.expires_at, b.reg_id, b.tombstone, b.instance, b.signature)
+
+
+def _encode(bindings: Sequence[DhtBinding]) -> bytes:
     if len(bindings) > MAX_BINDINGS:
         raise RecordTooLarge(f"{len(bindings)} bindings, over the limit of {MAX_BINDINGS}")
     items = []
@@ -264,13 +295,7 @@ def encode_record(bindings: Sequence[DhtBinding], *, max_bytes: int = MAX_RECORD
         obj["a"] = bindings[0].aor
     obj["b"] = items
     # Cannot fail: every value was checked (finite numbers, text without surrogates).
-    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    if len(data) > max_bytes:
-        raise RecordTooLarge(
-            f"record of {len(bindings)} bindings is {len(data)} bytes, "
-            f"over the limit of {max_bytes}"
-        )
-    return data
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def _binding_to_obj(b: DhtBinding) -> dict[str, Any]:

@@ -9,6 +9,7 @@ them (``proxy.proxy_core``). Timers are re-armed with ``loop.call_at`` after eve
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 import time
@@ -99,6 +100,12 @@ class SipServer:
         )
         self.server_txs: dict[tuple[object, ...], ServerTx] = {}
         self.client_txs: dict[tuple[object, ...], ClientTx] = {}
+        # Completed non-INVITE server transactions: key -> (final response, reply address).
+        self.completed: dict[tuple[object, ...], tuple[bytes, tuple[str, str, int]]] = {}
+        self._completed_order: collections.deque[tuple[float, tuple[object, ...]]] = (
+            collections.deque()
+        )
+        self._sweeper: asyncio.TimerHandle | None = None
         self.registrar = RegistrarService(self, users)
         self.proxy = ProxyCore(self)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -121,6 +128,8 @@ class SipServer:
         for c in self.client_txs.values():
             if c.timer:
                 c.timer.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.transport.close()
 
     def spawn(self, coro: object) -> None:
@@ -183,6 +192,12 @@ class SipServer:
                 self._send_stateless(req, flow, exc.status_code, _reason(exc))
             return
         key = tx.server_key(req)
+        done = self.completed.get(key)
+        if done is not None:
+            # §17.2.2: a retransmission of a request whose transaction has completed
+            # gets the final response again.
+            self.transport.send(Flow(*done[1]), done[0])
+            return
         existing = self.server_txs.get(key)
         if existing is not None:
             self.drive_server(existing, existing.txn.receive_request(req, self.now))
@@ -285,12 +300,49 @@ class SipServer:
         return ctx
 
     def drive_server(self, stx: ServerTx, outputs: list[tx.Output]) -> None:
+        sent = b""
         for out in outputs:
             if isinstance(out, tx.Send):
-                self.transport.send(stx.reply_flow, out.message.to_bytes())
+                sent = out.message.to_bytes()
+                self.transport.send(stx.reply_flow, sent)
             elif isinstance(out, tx.Terminated):
                 self.server_txs.pop(stx.key, None)
+        if (
+            sent
+            and not stx.flow.reliable
+            and stx.txn.state is tx.ServerState.COMPLETED
+            and stx.request.method != "INVITE"
+        ):
+            self._retire(stx, sent)
+            return
         self._rearm(stx, self.drive_server)
+
+    def _retire(self, stx: ServerTx, response: bytes) -> None:
+        """A non-INVITE server transaction over UDP that sent its final response only
+        waits out Timer J (§17.2.2) to absorb retransmissions. Keep just the bytes and
+        the address, in tuples the garbage collector does not track: at hundreds of
+        REGISTERs a second, 32 s of full transaction objects made collector pauses
+        longer than T1 (bench/README.md)."""
+        if stx.timer is not None:
+            stx.timer.cancel()
+            stx.timer = None
+        if self.server_txs.get(stx.key) is stx:
+            del self.server_txs[stx.key]
+        flow = stx.reply_flow
+        self.completed[stx.key] = (response, (flow.transport, flow.host, flow.port))
+        self._completed_order.append((self.now + self.timers.timer_j(False), stx.key))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep_completed)
+
+    def _sweep_completed(self) -> None:
+        now = self.now
+        order = self._completed_order
+        while order and order[0][0] <= now:
+            _, key = order.popleft()
+            self.completed.pop(key, None)
+        self._sweeper = (
+            asyncio.get_running_loop().call_later(1.0, self._sweep_completed) if order else None
+        )
 
     def drive_client(self, ctx: ClientTx, outputs: list[tx.Output]) -> None:
         for out in outputs:

@@ -611,3 +611,21 @@ async def test_server_survives_the_rfc4475_corpus_and_random_bytes(
     crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert crashes == [], [r.getMessage() for r in crashes[:5]]
     assert server.stats is not None
+
+
+async def test_retransmitted_register_gets_the_same_final_response(
+    net: Net, sip_server: tuple[SipServer, int]
+) -> None:
+    # §17.2.2: a retransmission of a completed non-INVITE request is answered from the
+    # transaction, not processed again (which would refuse it: same Call-ID and CSeq).
+    server, port = sip_server
+    peer = await net.udp()
+    msg = register(port, "<sip:alice@10.0.0.1:5060>", cseq=7)
+    peer.send(msg, port)
+    first = await peer.response_to("reg-call@10.0.0.1")
+    peer.send(msg, port)
+    again = await peer.response_to("reg-call@10.0.0.1")
+    assert (first.status, again.status) == (200, 200)
+    assert again.to.tag == first.to.tag
+    assert bytes(again.to_bytes()) == bytes(first.to_bytes())
+    assert server.stats.snapshot().get("registers_ok") == 1
