@@ -1,0 +1,1 @@
+"""The admin REST API of a site: ``create_app(services)`` and the uvicorn runner."""

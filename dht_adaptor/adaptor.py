@@ -97,6 +97,9 @@ class DhtAdaptor:
         self.max_bytes = max_bytes
         self.republish_interval = republish_interval
         self.retry_delays = tuple(retry_delays)
+        # Called with ("put" | "get", seconds, ok) after every overlay operation (the
+        # admin API's latency histograms).
+        self.latency_observer: Callable[[str, float, bool], None] | None = None
         self.stats: dict[str, int] = {
             "dht_puts_ok": 0,
             "dht_puts_failed": 0,
@@ -187,13 +190,20 @@ class DhtAdaptor:
 
     async def lookup(self, aor: str) -> tuple[DhtBinding, ...]:
         """Verified, live bindings of ``aor`` from every site (raises the node's DhtError)."""
+        started = time.perf_counter()
         try:
             found = await self.overlay.get(aor)
         except Exception:
             self.stats["dht_gets_failed"] += 1
+            self._observe("get", started, False)
             raise
         self.stats["dht_gets_ok"] += 1
+        self._observe("get", started, True)
         return live(found, self.clock())
+
+    def _observe(self, op: str, started: float, ok: bool) -> None:
+        if self.latency_observer is not None:
+            self.latency_observer(op, time.perf_counter() - started, ok)
 
     # --- the background writer ---------------------------------------------------------
 
@@ -260,12 +270,14 @@ class DhtAdaptor:
         from .node import DhtError
 
         started = self.clock()
+        timer = time.perf_counter()
         try:
             stored = await self.overlay.put(aor, prepared.bindings)
             if stored <= 0:
                 raise DhtError("no node stored the record")
         except (DhtError, OSError) as exc:
             self.stats["dht_puts_failed"] += 1
+            self._observe("put", timer, False)
             attempt = self._attempts.get(aor, 0)
             self._attempts[aor] = attempt + 1
             delay = self.retry_delays[min(attempt, len(self.retry_delays) - 1)]
@@ -273,6 +285,7 @@ class DhtAdaptor:
             next_due[aor] = asyncio.get_running_loop().time() + delay
             return
         self.stats["dht_puts_ok"] += 1
+        self._observe("put", timer, True)
         next_due.pop(aor, None)
         self._attempts.pop(aor, None)
         if self._dirty.get(aor) is prepared:

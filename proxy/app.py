@@ -23,8 +23,11 @@ from .dht_routing import DhtRouter
 from .server import SipServer
 
 if TYPE_CHECKING:
+    from admin_api.server import AdminServer
     from dht_adaptor.keys import SiteKey, TrustStore
     from dht_adaptor.record_store import RecordStore
+
+    from .user_store import UserStore
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +76,35 @@ async def open_store(config: Config) -> LocationStore:
     raise AssertionError("unreachable")
 
 
-def build_auth(config: Config, server: SipServer) -> None:
-    if config.users_file is None:
-        log.warning("no users file: registration is open to anyone (use --users FILE)")
-        return
+async def build_auth(config: Config, server: SipServer) -> UserStore:
+    """The site's users (Redis, or the users file) and digest authentication.
+
+    Authentication is on when a users file was given or any user exists, and switches on
+    by itself when the first user is added (through the admin API); it never switches
+    off again while the site runs, so deleting every user does not open registration.
+    """
     from .auth_gate import AuthGate
-    from .users import UsersFileError, load_users_file
+    from .user_store import UserStoreError, open_user_store
+    from .users import UsersFileError
 
     realm = config.domains[0] if config.domains else "p2psip"
     try:
-        users = load_users_file(config.users_file, realm)
-    except UsersFileError as exc:
+        users = await open_user_store(config, realm)
+    except (UsersFileError, UserStoreError) as exc:
         raise StartupError(str(exc)) from None
     server.registrar.users = users
-    server.proxy.auth = AuthGate(server, users, realm, nonce_secret(config.data_dir))
-    log.info("digest authentication on for %d user(s), realm %r", len(users), realm)
+    gate = AuthGate(server, users, realm, nonce_secret(config.data_dir))
+
+    def switch_on() -> None:
+        if server.proxy.auth is None and (len(users) or config.users_file is not None):
+            server.proxy.auth = gate
+            log.info("digest authentication on for %d user(s), realm %r", len(users), realm)
+
+    users.subscribe(switch_on)
+    switch_on()
+    if server.proxy.auth is None:
+        log.warning("no users: registration is open to anyone (use --users FILE or the admin API)")
+    return users
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -233,8 +250,10 @@ async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
     server = SipServer(config, store)
     node: DhtNode | None = None
     adaptor: DhtAdaptor | None = None
+    users: UserStore | None = None
+    admin: AdminServer | None = None
     try:
-        build_auth(config, server)
+        users = await build_auth(config, server)
         try:
             await server.start()
         except OSError as exc:
@@ -256,6 +275,7 @@ async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
         adaptor.start()
         await server.registrar.republish_all()
         snapshot = functools.partial(site_stats, server, adaptor, node)
+        admin = await start_admin(config, server, users, adaptor, node, snapshot)
         stats_task = asyncio.get_running_loop().create_task(log_stats_every(60.0, snapshot))
         try:
             async with joined(node, config):
@@ -264,9 +284,71 @@ async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
             stats_task.cancel()
             log.info("stats: %s", json.dumps(snapshot(), sort_keys=True))
     finally:
+        if admin is not None:
+            await admin.stop()  # first: no admin request may reach a closed part
         await server.close()
         if adaptor is not None:
             await adaptor.close()
         if node is not None:
             await node.close()
+        if users is not None:
+            await users.close()
         await store.close()
+
+
+# --- the admin API (admin_api/): built from the site's parts, served in this loop ---------
+
+
+def admin_token(config: Config) -> str:
+    """``--admin-token``, or else this site's own random token, kept in
+    ``DATA_DIR/admin.token`` (mode 0600): the API is never open without one."""
+    if config.admin_token:
+        return config.admin_token
+    path = config.data_dir / "admin.token"
+    with contextlib.suppress(OSError):
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    except OSError as exc:
+        raise StartupError(f"cannot write the admin token to {path}: {exc.strerror}") from None
+    log.info("no --admin-token: the admin API token is in %s", path)
+    return token
+
+
+async def start_admin(
+    config: Config,
+    server: SipServer,
+    users: UserStore,
+    adaptor: DhtAdaptor,
+    node: DhtNode,
+    snapshot: Callable[[], dict[str, float]],
+) -> AdminServer:
+    from admin_api.app import create_app
+    from admin_api.server import AdminServer
+    from admin_api.site_services import SiteServices
+
+    redis_ping = None
+    if config.redis_url:
+        from dht_adaptor.redis_store import RedisStore
+
+        if isinstance(server.store, RedisStore):
+            redis_ping = server.store.ping
+    services = SiteServices(
+        server, users, adaptor, node, snapshot, admin_token(config),
+        require_peers=bool(config.bootstrap), redis_ping=redis_ping,
+        lookup_timeout=config.dht_lookup_timeout,
+    )  # fmt: skip
+    listen = config.admin_listen
+    admin = AdminServer(create_app(services), listen.host, listen.port)
+    try:
+        await admin.start()
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise StartupError(f"cannot listen on {listen} (admin API): {reason}") from None
+    return admin

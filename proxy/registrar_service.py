@@ -128,6 +128,34 @@ class RegistrarService:
             server.stats.inc("registers_ok")
         server.respond(stx, outcome.response)
 
+    async def remove(self, aor: str, contact: str | None = None) -> int:
+        """Drop the binding of ``contact`` (every binding when None) of ``aor``: from the
+        local store, and from the DHT with tombstones. Returns how many bindings went.
+
+        Raises the store's LocationError. The phone is unreachable until it registers
+        again (a phone refreshing its registration comes back, as after an expiry).
+        """
+        server = self.server
+        now = server.clock()
+        lock = self._locks.setdefault(aor, asyncio.Lock())
+        try:
+            async with lock:
+                current = await server.store.load(aor, now)
+                kept = tuple(b for b in current if contact is not None and b.contact != contact)
+                removed = len(current) - len(kept)
+                if removed:
+                    prepared = self.dht.prepare(aor, kept) if self.dht else None
+                    await server.store.save(aor, kept, now)
+                    self._note(aor, current, kept)
+                    if prepared is not None and self.dht is not None:
+                        self.dht.publish(prepared)
+        finally:
+            if not lock.locked() and self._locks.get(aor) is lock:
+                del self._locks[aor]
+        if removed:
+            log.info("removed %d binding(s) of %s", removed, aor)
+        return removed
+
     def _note(self, aor: str, old: list[Binding], new: tuple[Binding, ...]) -> None:
         self.known_aors.add(aor)
         for b in old:

@@ -62,6 +62,7 @@ class Site:
         self.host = host
         self.port = free_port(host)
         self.dht_port = free_port(host)
+        self.admin_port = free_port(host)  # the admin API (HTTP), unless args name another
         self.args = args or []
         self.log_path = workdir / f"site-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -74,12 +75,16 @@ class Site:
     def dht(self) -> str:
         return f"{self.host}:{self.dht_port}"
 
+    @property
+    def admin(self) -> str:
+        return f"{self.host}:{self.admin_port}"
+
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "proxy.cli", "run",
             "--sip-listen", self.sip,
             "--data-dir", str(self.workdir / "data"),
-            "--admin-listen", f"{self.host}:{free_port(self.host)}",
+            *([] if "--admin-listen" in self.args else ["--admin-listen", self.admin]),
             *([] if "--dht-listen" in self.args else ["--dht-listen", self.dht]),
             *self.args,
         ]  # fmt: skip

@@ -1,0 +1,203 @@
+"""What the admin API needs from a site: the :class:`AdminServices` protocol.
+
+The routes talk to nothing else. Results are the site's own plain types (``Binding``,
+``DhtBinding``, ``UserRecord``) or the small frozen dataclasses below; the routes turn
+them into the pydantic schemas. Errors are :class:`ServiceError` subclasses that carry
+the HTTP status to answer with, as the SIP layers' errors carry a SIP status.
+
+``admin_api.site_services.SiteServices`` implements the protocol over a running site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dht_adaptor.location import Binding
+from dht_adaptor.record import DhtBinding
+from proxy.sip.auth import UserRecord
+
+
+class ServiceError(Exception):
+    """A request the site cannot carry out; ``status_code`` is the HTTP answer."""
+
+    status_code = 500
+
+
+class InvalidInput(ServiceError):
+    status_code = 400
+
+
+class NotFound(ServiceError):
+    status_code = 404
+
+
+class Conflict(ServiceError):
+    status_code = 409
+
+
+class Unavailable(ServiceError):
+    """A backend (Redis, the DHT) did not answer."""
+
+    status_code = 503
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One readiness condition: ``ok`` and what was seen."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    aor: str
+    bindings: tuple[Binding, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPage:
+    items: tuple[Registration, ...]
+    next_after: str | None  # pass as ``after`` for the next page; None on the last one
+
+
+@dataclass(frozen=True, slots=True)
+class DhtView:
+    """What the DHT holds for one AOR, or why it could not say."""
+
+    bindings: tuple[DhtBinding, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    node_id: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class DhtInfo:
+    node_id: str
+    host: str
+    port: int
+    site_id: str
+    home: str  # the SIP URI other sites reach this proxy at
+    key_id: str  # the site's signing key
+    peers: tuple[Peer, ...]
+    stored_records: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    aor: str
+    seconds: float
+    bindings: tuple[DhtBinding, ...]  # live and signature-checked
+    rejected: int  # bindings in the answers that failed verification during the lookup
+
+
+@dataclass(frozen=True, slots=True)
+class SiteStats:
+    """The counters an admin looks at, plus every raw counter of the site."""
+
+    requests: Mapping[str, int]  # method -> requests received
+    responses_received: Mapping[str, int]  # "2xx" -> count
+    responses_sent: Mapping[str, int]
+    server_transactions: int
+    client_transactions: int
+    registered_aors: int | None  # None when the location store cannot be read
+    registered_bindings: int | None
+    users: int
+    registers_ok: int
+    auth_failures: int
+    parse_errors: int
+    calls_routed_local: int
+    calls_routed_dht: int
+    dht_retries: int
+    dht_puts_ok: int
+    dht_puts_failed: int
+    dht_puts_skipped: int
+    dht_gets_ok: int
+    dht_gets_failed: int
+    dht_backlog: int
+    dht_lookups: int
+    dht_cache_hits: int
+    dht_cache_misses: int
+    dht_peers: int
+    dht_records_accepted: int
+    dht_records_rejected: int  # refused by this node's store (bad signature, too big)
+    dht_bindings_rejected_on_get: int  # failed verification in lookup answers
+    dht_rpc_timeouts: int
+    counters: Mapping[str, float] = field(default_factory=dict)  # the raw snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class UserChange:
+    """A user to create or replace: a password (hashed at once) or precomputed HA1s."""
+
+    username: str
+    password: str | None = None
+    ha1_md5: str | None = None
+    ha1_sha256: str | None = None
+
+
+LatencyObserver = Callable[[str, float, bool], None]  # ("put" | "get", seconds, ok)
+
+
+class AdminServices(Protocol):
+    """Everything the admin API does, in the site's terms."""
+
+    @property
+    def token(self) -> str:
+        """The bearer token every route but /health and /ready asks for."""
+        ...
+
+    @property
+    def realm(self) -> str:
+        """The digest realm users' HA1s are computed for."""
+        ...
+
+    def now(self) -> float:
+        """The site's wall clock (binding expiry times are on it)."""
+        ...
+
+    async def readiness(self) -> Sequence[Check]: ...
+
+    def normalize_aor(self, text: str) -> str:
+        """``alice@example.com`` -> ``sip:alice@example.com``; InvalidInput if not an AOR."""
+        ...
+
+    async def registrations(
+        self, prefix: str, after: str | None, limit: int
+    ) -> RegistrationPage: ...
+
+    async def registration(self, aor: str) -> Registration: ...
+
+    async def dht_view(self, aor: str) -> DhtView: ...
+
+    async def remove_registration(self, aor: str, contact: str | None = None) -> int:
+        """Bindings removed, here and (with tombstones) in the DHT; NotFound if none."""
+        ...
+
+    def users(self) -> Sequence[UserRecord]: ...
+
+    def user(self, username: str) -> UserRecord | None: ...
+
+    async def save_user(self, change: UserChange) -> tuple[UserRecord, bool]:
+        """The stored record and whether it is new."""
+        ...
+
+    async def delete_user(self, username: str) -> bool: ...
+
+    async def dht_info(self) -> DhtInfo: ...
+
+    async def dht_lookup(self, aor: str) -> Lookup: ...
+
+    async def stats(self) -> SiteStats: ...
+
+    def watch_dht_latency(self, observer: LatencyObserver) -> None:
+        """Call ``observer`` after every DHT put and get of the site."""
+        ...
