@@ -72,7 +72,7 @@ async def live_site(
         data_dir=tmp_path / "data",
         redis_url=redis_url,
         users_file=users_file,
-        dht_rpc_timeout=0.3,
+        dht_rpc_timeout=1.0,  # generous: a busy CI machine must not time out on loopback
         dht_lookup_timeout=2.0,
     )
     store: LocationStore
@@ -92,7 +92,7 @@ async def live_site(
     if with_peer:
         # A second node that trusts this site (and maybe others): the site's one peer.
         trust = TrustStore({k.key_id: k.public_bytes for k in (key, *peer_trusts)})
-        peer = DhtNode(MemoryRecordStore(trust), trust, rpc_timeout=0.3)
+        peer = DhtNode(MemoryRecordStore(trust), trust, rpc_timeout=1.0)
         peer_port = await peer.listen(HOST, 0)
         assert await node.bootstrap([(HOST, peer_port)]) == 1
     adaptor = DhtAdaptor(node, key, site_id="paris", home=home_uri(server), retry_delays=(0.1,))
