@@ -1,6 +1,6 @@
 """The ``p2psip`` command. Bad input gets one line on stderr and exit status 2.
 
-``run``     a site: SIP proxy and registrar, with its DHT adaptor (and, later, admin API)
+``run``     a site: SIP proxy and registrar, with its DHT adaptor and the admin API
 ``dht``     a standalone DHT node (the ``dht`` service of a site's compose file)
 ``keygen``  the site's Ed25519 key pair, DIR/site.key and DIR/site.pub
 ``lookup``  the verified bindings the DHT holds for an AOR, as JSON (exit 1: none)
