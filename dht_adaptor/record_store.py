@@ -31,13 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 
 from dht_adaptor.keys import TrustStore
 from dht_adaptor.record import (
@@ -48,7 +48,7 @@ from dht_adaptor.record import (
     encode_record,
     merge,
 )
-from dht_adaptor.redis_store import describe_url
+from dht_adaptor.redis_store import describe_url, glob_escape, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ class RedisRecordStore(_MergingStore):
             return ()
 
     async def _keys(self) -> AsyncIterator[tuple[str, bytes]]:
-        pattern = _glob_escape(self._prefix) + "*"
+        pattern = glob_escape(self._prefix) + "*"
         seen: set[str] = set()  # SCAN may return a key twice while Redis rehashes
         cursor = 0
         while True:
@@ -398,16 +398,5 @@ class RedisRecordStore(_MergingStore):
     async def close(self) -> None:
         await self._client.aclose()
 
-    @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError too
-            raise RecordStoreError(
-                f"redis at {self._where}: {action} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-
-
-def _glob_escape(text: str) -> str:
-    """Escape the characters that are special in a Redis MATCH pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+    def _errors(self, action: str) -> AbstractContextManager[None]:
+        return redis_errors(RecordStoreError, self._where, action)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
@@ -117,7 +117,7 @@ class RedisStore:
 
     async def aors(self) -> AsyncIterator[str]:
         # SCAN may return a key more than once (while Redis rehashes): yield each once.
-        pattern = _glob_escape(self._key_prefix) + "*"
+        pattern = glob_escape(self._key_prefix) + "*"
         seen: set[str] = set()
         cursor = 0
         while True:
@@ -144,14 +144,17 @@ class RedisStore:
     async def close(self) -> None:
         await self._client.aclose()
 
-    @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError too
-            raise LocationError(
-                f"redis at {self._where}: {action} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+    def _errors(self, action: str) -> AbstractContextManager[None]:
+        return redis_errors(LocationError, self._where, action)
+
+
+@contextmanager
+def redis_errors(error: type[Exception], where: str, action: str) -> Iterator[None]:
+    """Turn any Redis failure inside the block into ``error`` with one readable line."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError too
+        raise error(f"redis at {where}: {action} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def describe_url(url: str) -> str:
@@ -183,6 +186,6 @@ def describe_url(url: str) -> str:
     return f"{host}:{port or 6379}/{db}"
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
     """Escape the characters that are special in a Redis MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
