@@ -7,6 +7,11 @@ lives on 127.0.0.*n*, and all sites share one throwaway redis-server (a database
 service, as a site's own Redis would hold them). If the compose file sets a variable
 this harness does not know how to fill, or drops one it fills, :func:`service_env`
 fails: the file cannot drift from what the tests run.
+
+A site may also live elsewhere, e.g. in a network namespace (tests/test_partition.py):
+:meth:`Deployment.prepare` then takes its address, the ports free there, the command
+prefix its processes run under (``ip netns exec NS``), a ``probe`` that runs readiness
+checks where its network is, and its own Redis.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -29,6 +35,14 @@ from .site import ROOT, free_port, sip_options
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SITE_SERVICES = ("dht", "proxy")  # the p2psip services of a site (redis is Redis)
+
+T = TypeVar("T")
+Probe = Callable[[Callable[[], T]], T]
+
+
+def run_here(check: Callable[[], T]) -> T:
+    """The default probe: the site shares the test process's network."""
+    return check()
 
 
 def compose() -> dict[str, Any]:
@@ -108,6 +122,9 @@ class SiteProcesses:
     proxy_dht_port: int  # the proxy's own node
     admin_port: int
     services: dict[str, Service] = field(default_factory=dict)
+    prefix: tuple[str, ...] = ()  # its processes run as [*prefix, python, ...]
+    probe: Probe[Any] = run_here  # runs the harness's readiness checks where it lives
+    redis_base: str | None = None  # its own Redis (redis://HOST:PORT), else the shared one
 
     @property
     def sip(self) -> str:
@@ -128,18 +145,44 @@ class SiteProcesses:
 class Deployment:
     """Sites sharing one domain and one trust folder, joined into one overlay."""
 
-    def __init__(self, workdir: Path, redis_url: str, domain: str = "example.com") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        redis_url: str | None,
+        domain: str = "example.com",
+        *,
+        tuning: dict[str, str] | None = None,
+    ) -> None:
+        """``redis_url`` is the Redis every site shares (None: each site brings its own).
+        ``tuning`` holds P2PSIP_* settings the compose file leaves at their defaults,
+        given to both services of every site (e.g. a shorter ``P2PSIP_T1``)."""
         self.workdir = workdir
-        self.redis_base = redis_url.rsplit("/", 1)[0]
+        self.redis_base = redis_url.rsplit("/", 1)[0] if redis_url else None
         self.domain = domain
+        self.tuning = dict(tuning or {})
+        assert all(k.startswith("P2PSIP_") for k in self.tuning), self.tuning
         self.trust_dir = workdir / "trust"
         self.trust_dir.mkdir(exist_ok=True)
         self.token = "test-admin-token"
         self.sites: list[SiteProcesses] = []
 
-    def prepare(self, n: int) -> SiteProcesses:
-        """Keys and ports for site ``n`` on 127.0.0.n (n >= 2); its key joins the trust dir."""
-        host = f"127.0.0.{n}"
+    def prepare(
+        self,
+        n: int,
+        *,
+        host: str | None = None,
+        ports: tuple[int, int, int, int] | None = None,
+        prefix: Sequence[str] = (),
+        probe: Probe[Any] = run_here,
+        redis_url: str | None = None,
+    ) -> SiteProcesses:
+        """Keys and ports for site ``n`` on 127.0.0.n (n >= 2); its key joins the trust dir.
+
+        A site elsewhere gives its ``host``, the ``ports`` free there (SIP, DHT node,
+        proxy's DHT node, admin), the ``prefix`` and ``probe`` of :class:`SiteProcesses`
+        and, unless the sites share one, its own ``redis_url``.
+        """
+        host = host or f"127.0.0.{n}"
         data = self.workdir / f"site{n}"
         keygen = subprocess.run(
             [sys.executable, "-m", "proxy.cli", "keygen", "--data-dir", str(data)],
@@ -147,15 +190,18 @@ class Deployment:
         )  # fmt: skip
         assert keygen.returncode == 0, keygen.stderr
         shutil.copy(data / "site.pub", self.trust_dir / f"site{n}.pub")
+        sip, dht, proxy_dht, admin = ports or tuple(free_port(host) for _ in range(4))
         site = SiteProcesses(
-            f"site{n}", host, data, free_port(host), free_port(host), free_port(host),
-            free_port(host),
+            f"site{n}", host, data, sip, dht, proxy_dht, admin, prefix=tuple(prefix),
+            probe=probe, redis_base=redis_url.rsplit("/", 1)[0] if redis_url else None,
         )  # fmt: skip
         self.sites.append(site)
         return site
 
     def start(self, site: SiteProcesses, bootstrap: list[str], *, timeout: float = 20.0) -> None:
         n = int(site.host.rsplit(".", 1)[1])
+        redis_base = site.redis_base or self.redis_base
+        assert redis_base, f"{site.name} has no Redis"
         common = {
             "P2PSIP_DATA_DIR": str(site.data_dir),
             "P2PSIP_TRUST": str(self.trust_dir),
@@ -165,7 +211,7 @@ class Deployment:
                 **common,
                 "P2PSIP_DHT_LISTEN": site.dht,
                 "P2PSIP_BOOTSTRAP": ",".join(bootstrap),
-                "P2PSIP_REDIS_URL": f"{self.redis_base}/{(2 * n + 1) % 16}",
+                "P2PSIP_REDIS_URL": f"{redis_base}/{(2 * n + 1) % 16}",
             },
             "proxy": {
                 **common,
@@ -176,14 +222,14 @@ class Deployment:
                 "P2PSIP_DHT_LISTEN": f"{site.host}:{site.proxy_dht_port}",
                 # As in the compose file: the site's own DHT node first, then the others.
                 "P2PSIP_BOOTSTRAP": ",".join([site.dht, *bootstrap]),
-                "P2PSIP_REDIS_URL": f"{self.redis_base}/{(2 * n) % 16}",
+                "P2PSIP_REDIS_URL": f"{redis_base}/{(2 * n) % 16}",
                 "P2PSIP_ADMIN_LISTEN": f"{site.host}:{site.admin_port}",
                 "P2PSIP_ADMIN_TOKEN": self.token,
             },
         }
         for name in SITE_SERVICES:
-            argv = [sys.executable, "-m", "proxy.cli", *service_command(name)]
-            env = service_env(name, values[name])
+            argv = [*site.prefix, sys.executable, "-m", "proxy.cli", *service_command(name)]
+            env = {**service_env(name, values[name]), **self.tuning}
             svc = Service(name, argv, env, self.workdir / f"{site.name}-{name}.log")
             site.services[name] = svc
             svc.start()
@@ -195,11 +241,12 @@ class Deployment:
         from proxy.config import HostPort
         from proxy.lookup import ping_node
 
+        node = HostPort(site.host, site.dht_port)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not svc.alive():
                 raise RuntimeError(f"{site.name} dht exited:\n{svc.log()}")
-            if asyncio.run(ping_node(HostPort(site.host, site.dht_port), 0.3)):
+            if site.probe(lambda: asyncio.run(ping_node(node, 0.3))):
                 return
         raise RuntimeError(f"{site.name} dht did not answer in {timeout}s:\n{svc.log()}")
 
@@ -208,7 +255,7 @@ class Deployment:
         while time.monotonic() < deadline:
             if not svc.alive():
                 raise RuntimeError(f"{site.name} proxy exited:\n{svc.log()}")
-            reply = sip_options(site.host, site.sip_port, 0.3)
+            reply = site.probe(lambda: sip_options(site.host, site.sip_port, 0.3))
             if reply is not None and reply.startswith(b"SIP/2.0 200"):
                 return
         raise RuntimeError(f"{site.name} proxy did not answer OPTIONS in {timeout}s:\n{svc.log()}")

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -69,13 +69,16 @@ class Phone:
         t1_ms: int | None = None,
         log_level: int | None = None,
         start_timeout: float = START_TIMEOUT,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         """Start the phone; its SIP transport listens on an ephemeral port of bind_ip.
 
         ``auto_ringing`` makes the phone answer incoming INVITEs with 180 at once.
         ``t1_ms`` shrinks the SIP T1 timer (Timer B/F become 64*T1) for tests that
         wait for a 408 over UDP. ``log_level`` is pjsua's (0-6; default 1, or
-        ``$P2PSIP_PHONE_LOG_LEVEL``).
+        ``$P2PSIP_PHONE_LOG_LEVEL``). ``command_prefix`` goes in front of the agent's
+        command line, e.g. ``["ip", "netns", "exec", "NS"]`` to run it in a namespace
+        (whose ``bind_ip`` it then binds).
         """
         if transport not in ("udp", "tcp"):
             raise ValueError(f"transport must be 'udp' or 'tcp', not {transport!r}")
@@ -97,6 +100,7 @@ class Phone:
         if log_level is None:
             log_level = int(os.environ.get("P2PSIP_PHONE_LOG_LEVEL", "1"))
         cmd = [
+            *command_prefix,
             sys.executable,
             str(AGENT),
             "--name",
