@@ -735,6 +735,14 @@ class DhtNode:
         self._spawn(self._every(self._sweep_interval, self._sweep))
         return self._address[1]
 
+    async def ping(self, addr: tuple[str, int]) -> bool:
+        """Does a DHT node answer at ``addr`` (hostnames resolved)? Joins nothing."""
+        resolved = await self._resolve(*addr)
+        if resolved is None:
+            return False
+        ok, node_id = await self._protocol.ping(resolved, self.node_id)
+        return bool(ok) and _is_id(node_id)
+
     async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> int:
         """Join via known nodes (hostnames are resolved); returns how many peers we know."""
         protocol = self._protocol

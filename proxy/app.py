@@ -126,20 +126,23 @@ async def _serve_until(stop: asyncio.Event, ready: asyncio.Event | None) -> None
 
 
 async def keep_joined(node: DhtNode, config: Config) -> None:
-    """Join through the bootstrap nodes, and again whenever every peer is gone (the
-    bootstrap node may start after us, as in docker-compose, or come back later)."""
+    """Join through the bootstrap nodes, then again every round.
+
+    Not only when every peer is gone: after a long partition each half has evicted the
+    other but still knows its own nodes, and would stay split for good. One ping per
+    bootstrap address and a lookup of our own id every 30 s merge the halves again
+    (tests/test_partition.py). Before the first answer (the bootstrap node may start
+    after us, as in docker-compose) it tries every 2 s.
+    """
     addrs = [(b.host, b.port) for b in config.bootstrap]
     joined = False
     while True:
-        if not node.peers():
-            peers = await node.bootstrap(addrs)
-            if peers and not joined:
-                log.info("joined the overlay: %d peer(s) known", peers)
-            elif not peers:
-                log.warning(
-                    "no bootstrap node answered yet (%s)", ", ".join(map(str, config.bootstrap))
-                )
-            joined = peers > 0
+        peers = await node.bootstrap(addrs)
+        if peers and not joined:
+            log.info("joined the overlay: %d peer(s) known", peers)
+        elif not peers:
+            log.warning("no DHT node answers (bootstrap %s)", ", ".join(map(str, config.bootstrap)))
+        joined = peers > 0
         await asyncio.sleep(2.0 if not joined else 30.0)
 
 

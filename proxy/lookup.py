@@ -107,7 +107,7 @@ async def ping_node(addr: HostPort, timeout: float) -> bool:
     node = DhtNode(MemoryRecordStore(trust), trust, rpc_timeout=timeout)
     try:
         await node.listen("127.0.0.1" if is_loopback(addr.host) else "0.0.0.0", 0)
-        return await asyncio.wait_for(node.bootstrap([(addr.host, addr.port)]), timeout + 1) > 0
+        return await asyncio.wait_for(node.ping((addr.host, addr.port)), timeout + 1)
     except (OSError, TimeoutError):
         return False
     finally:

@@ -347,13 +347,7 @@ def test_overlay_joins_again_after_every_node_dropped_the_far_side(lab: netns.La
         lab.heal("b")
         deadline = time.monotonic() + KEEP_JOINED_ROUND + 15
         while (seen := {n: sites_known(n) for n in SITES}) != {n: set(SITES) for n in SITES}:
-            if time.monotonic() > deadline:
-                # Not a failure of this change: reported, and kept visible with -ra.
-                pytest.xfail(
-                    "product bug: the overlay stays split after the partition healed. "
-                    "proxy/app.py keep_joined bootstraps again only when the routing "
-                    f"table is empty, and each half still knows its own nodes: {seen}"
-                )
+            assert time.monotonic() < deadline, f"the overlay stayed split after the heal: {seen}"
             everyone_looks_around()
     finally:
         for name, task in joiners:
