@@ -173,3 +173,23 @@ def test_unreachable_home_proxy_gives_a_clean_failure(deployment, phone_factory)
     state = alice.wait_state("DISCONNECTED", timeout=45)
     assert state["code"] in (408, 480, 503), state
     assert s2.services["proxy"].alive()
+
+
+def test_reinvite_and_bye_cross_both_proxies(deployment, phone_factory) -> None:
+    s2, _s3, s4 = deployment.start_sites([2, 3, 4])
+    alice = phone_factory("alice", bind_ip=s2.host)
+    bob = phone_factory("bob", bind_ip=s4.host, transport="tcp")
+    assert alice.register(s2.sip, "alice", DOMAIN) == 200
+    assert bob.register(s4.sip, "bob", DOMAIN) == 200
+    wait_found(deployment, s2, "bob", {home(s4)})
+    alice.call(f"sip:bob@{DOMAIN}")
+    bob.wait_incoming(timeout=15)
+    bob.answer(200)
+    alice.wait_state("CONFIRMED", timeout=15)
+    bob.wait_state("CONFIRMED", timeout=15)
+    # In-dialog requests follow the route set both proxies recorded, either way.
+    assert alice.reinvite() == 200
+    assert bob.reinvite() == 200
+    bob.hangup()
+    alice.wait_state("DISCONNECTED", timeout=15)
+    bob.wait_state("DISCONNECTED", timeout=15)

@@ -238,6 +238,20 @@ class Phone:
         """BYE, CANCEL or reject (with `code`, default 603) depending on the call state."""
         self._request({"cmd": "hangup", "handle": self._handle(handle), "code": code})
 
+    def reinvite(self, timeout: float = DEFAULT_TIMEOUT, *, handle: int | None = None) -> int:
+        """Send a re-INVITE in the call (same media); return its final status code."""
+        h = self._handle(handle)
+        with self._cond:
+            mark = len(self._events)
+        self._request({"cmd": "reinvite", "handle": h})
+        event = self._wait_event(
+            lambda e: e["type"] == "tsx" and e["handle"] == h and e["method"] == "INVITE",
+            timeout,
+            start=mark,
+            what="the re-INVITE's final response",
+        )
+        return int(event["code"])
+
     def wait_state(
         self, state: str, timeout: float = DEFAULT_TIMEOUT, *, handle: int | None = None
     ) -> Event:

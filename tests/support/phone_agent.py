@@ -152,6 +152,18 @@ class PhoneCall(pj.Call):  # type: ignore[misc]
             # Never drop the SWIG object inside its own callback; the loop reaps it.
             self.agent.finished.append(self.handle)
 
+    def onCallTsxState(self, prm: Any) -> None:
+        # Final responses to requests inside the call (a re-INVITE's 200, a BYE's).
+        try:
+            tsx = prm.e.body.tsxState.tsx
+            method, code, role = str(tsx.method), int(tsx.statusCode), int(tsx.role)
+        except Exception:  # not every event carries a transaction
+            return
+        if code >= 200 and role == pj.PJSIP_ROLE_UAC:
+            self.agent.out.send(
+                {"type": "tsx", "handle": self.handle, "method": method, "code": code}
+            )
+
 
 class Agent:
     def __init__(self, args: argparse.Namespace, out: Output) -> None:
@@ -288,6 +300,11 @@ class Agent:
         self._call(handle).hangup(op)
         return {}
 
+    def reinvite(self, handle: Any) -> dict[str, Any]:
+        """Send a re-INVITE in the call (same media), as a phone does for hold/resume."""
+        self._call(handle).reinvite(pj.CallOpParam(True))
+        return {}
+
     def reap(self) -> None:
         for handle in self.finished:
             self.calls.pop(handle, None)
@@ -328,6 +345,8 @@ class Agent:
         if cmd == "hangup":
             code = msg.get("code")
             return self.hangup(msg.get("handle"), None if code is None else int(code))
+        if cmd == "reinvite":
+            return self.reinvite(msg.get("handle"))
         if cmd == "quit":
             self.running = False
             return {}
