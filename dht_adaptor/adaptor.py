@@ -275,13 +275,19 @@ class DhtAdaptor:
             stored = await self.overlay.put(aor, prepared.bindings)
             if stored <= 0:
                 raise DhtError("no node stored the record")
-        except (DhtError, OSError) as exc:
+        except Exception as exc:  # the writer must outlive any one record's failure
             self.stats["dht_puts_failed"] += 1
             self._observe("put", timer, False)
             attempt = self._attempts.get(aor, 0)
             self._attempts[aor] = attempt + 1
             delay = self.retry_delays[min(attempt, len(self.retry_delays) - 1)]
-            log.warning("DHT put of %s failed (%s); retrying in %.1fs", aor, exc, delay)
+            if not isinstance(exc, DhtError | OSError):
+                log.exception("DHT put of %s failed unexpectedly; retrying in %.1fs", aor, delay)
+            else:
+                # The first failure of a record is a warning; its retries, debug lines
+                # (an overlay outage would otherwise log every record every few seconds).
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                log.log(level, "DHT put of %s failed (%s); retrying in %.1fs", aor, exc, delay)
             next_due[aor] = asyncio.get_running_loop().time() + delay
             return
         self.stats["dht_puts_ok"] += 1

@@ -37,11 +37,15 @@ class MemoryOverlay:
         self.records: dict[str, tuple[DhtBinding, ...]] = {}
         self.puts: list[tuple[str, tuple[DhtBinding, ...]]] = []
         self.failures = 0  # fail this many puts first
+        self.crashes = 0  # then raise this many unexpected errors
 
     async def put(self, aor: str, bindings: Sequence[DhtBinding]) -> int:
         if self.failures:
             self.failures -= 1
             raise DhtUnavailable("no node answered")
+        if self.crashes:
+            self.crashes -= 1
+            raise RuntimeError("a bug somewhere below")
         encode_record(bindings)  # what goes on the wire must encode
         verified, rejected = self.trust.filter(bindings)
         assert rejected == 0
@@ -198,4 +202,18 @@ async def test_expired_bindings_are_not_returned(overlay, key, clock) -> None:
     assert await adaptor.flush()
     clock.now += 61
     assert await adaptor.lookup(AOR) == ()
+    await adaptor.close()
+
+
+async def test_an_unexpected_error_does_not_stop_the_writer(overlay, key, clock) -> None:
+    overlay.crashes = 1
+    adaptor = make_adaptor(overlay, key, clock)
+    adaptor.start()
+    adaptor.publish(adaptor.prepare(AOR, [binding("sip:a@h", clock.now + 3600)]))
+    assert await adaptor.flush(timeout=5)
+    adaptor.publish(adaptor.prepare("sip:bob@example.com", [
+        Binding(aor="sip:bob@example.com", contact="sip:b@h", expires_at=clock.now + 60)
+    ]))  # fmt: skip
+    assert await adaptor.flush(timeout=5)
+    assert adaptor.stats["dht_puts_failed"] == 1 and adaptor.stats["dht_puts_ok"] == 2
     await adaptor.close()
