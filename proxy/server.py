@@ -274,7 +274,7 @@ class SipServer:
             if 200 <= resp.status < 300 and stx.request.method == "INVITE":
                 # RFC 3261 §16.7 step 5: every 2xx of a forked INVITE goes upstream, even
                 # after the first one ended the server transaction.
-                self.transport.send(stx.reply_flow, resp.to_bytes())
+                self.transport.send(self._reply_flow(stx), resp.to_bytes())
             return
         self.stats.response(resp.status, sent=True)
         self.drive_server(stx, stx.txn.send_response(resp, self.now))
@@ -304,7 +304,7 @@ class SipServer:
         for out in outputs:
             if isinstance(out, tx.Send):
                 sent = out.message.to_bytes()
-                self.transport.send(stx.reply_flow, sent)
+                self.transport.send(self._reply_flow(stx), sent)
             elif isinstance(out, tx.Terminated):
                 self.server_txs.pop(stx.key, None)
         if (
@@ -316,6 +316,16 @@ class SipServer:
             self._retire(stx, sent)
             return
         self._rearm(stx, self.drive_server)
+
+    def _reply_flow(self, stx: ServerTx) -> Flow:
+        """Where a response goes now. RFC 3261 §18.2.2: over the connection the request
+        came on; if that has closed, a new connection to the received address and the
+        Via's sent-by port (not the closed connection's ephemeral source port)."""
+        flow = stx.reply_flow
+        if not flow.reliable or self.transport.has_connection(flow.host, flow.port):
+            return flow
+        via = stx.request.top_via
+        return Flow(flow.transport, via.received or via.host, via.port or 5060)
 
     def _retire(self, stx: ServerTx, response: bytes) -> None:
         """A non-INVITE server transaction over UDP that sent its final response only

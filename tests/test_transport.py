@@ -18,7 +18,7 @@ from dht_adaptor.location import MemoryStore
 from proxy.config import Config, HostPort
 from proxy.server import SipServer
 from proxy.sip.framing import MAX_MESSAGE_BYTES
-from proxy.sip.message import Response, parse_message
+from proxy.sip.message import Request, Response, make_response, parse_message
 from proxy.sip.uri import SipUri
 from proxy.transport import Flow, TransportLayer
 
@@ -629,3 +629,46 @@ async def test_retransmitted_register_gets_the_same_final_response(
     assert again.to.tag == first.to.tag
     assert bytes(again.to_bytes()) == bytes(first.to_bytes())
     assert server.stats.snapshot().get("registers_ok") == 1
+
+
+async def test_response_after_the_tcp_connection_closed_goes_to_the_sent_by_port(
+    net: Net, sip_server: tuple[SipServer, int]
+) -> None:
+    # RFC 3261 §18.2.2: the caller's connection is gone when the callee answers, so the
+    # proxy connects to the Via's received address and sent-by port, where the caller
+    # listens, not to the closed connection's ephemeral port.
+    _, port = sip_server
+    callee = await net.udp()  # behind NAT: its Contact names another address
+    callee.send(register(port, "<sip:alice@10.0.0.1:5060>", cseq=1), port)
+    assert (await callee.response_to("reg-call@10.0.0.1")).status == 200
+
+    arrived: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.put_nowait(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    listener = await asyncio.start_server(on_connect, HOST, 0)
+    async with listener:
+        listen_port = listener.sockets[0].getsockname()[1]
+        call_id = uuid.uuid4().hex
+        invite = (
+            "INVITE sip:alice@example.com SIP/2.0\r\n"
+            f"Via: SIP/2.0/TCP {HOST}:{listen_port};branch=z9hG4bK{uuid.uuid4().hex[:12]}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:bob@example.com>;tag=b1\r\n"
+            f"To: <sip:alice@example.com>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+            f"Contact: <sip:bob@{HOST}:{listen_port};transport=tcp>\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        reader, writer = await net.tcp(port)
+        writer.write(invite)
+        trying = parse_message(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT))
+        assert isinstance(trying, Response) and trying.status == 100
+        writer.close()  # the caller's connection goes away
+        await asyncio.sleep(0.1)
+
+        forwarded = parse_message(await callee.recv())
+        assert isinstance(forwarded, Request) and forwarded.method == "INVITE"
+        busy = make_response(forwarded, 486, to_tag="callee1")
+        callee.send(busy.to_bytes(), port)
+        head = parse_message(await asyncio.wait_for(arrived.get(), WAIT))
+        assert isinstance(head, Response) and (head.status, head.call_id) == (486, call_id)
