@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if config.log_level != "DEBUG":
+        # The DHT engine logs every lookup at INFO; our node logs what matters.
+        for noisy in ("kademlia", "rpcudp"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "keygen":
         return _keygen(config, args.force)
     if args.command == "lookup":
