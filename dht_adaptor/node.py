@@ -710,6 +710,11 @@ class DhtNode:
     # -- identity and membership -------------------------------------------------------
 
     @property
+    def store(self) -> RecordStore:
+        """The record store this node serves from (the caller's to close)."""
+        return self._store
+
+    @property
     def node_id(self) -> bytes:
         return bytes(self._server.node.id)
 

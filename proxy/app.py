@@ -216,6 +216,7 @@ async def run_dht(config: Config, ready: asyncio.Event | None = None) -> None:
             await _serve_until(stop, ready)
     finally:
         await node.close()
+        await node.store.close()
 
 
 def site_stats(
@@ -294,6 +295,7 @@ async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
             await adaptor.close()
         if node is not None:
             await node.close()
+            await node.store.close()
         if users is not None:
             await users.close()
         await store.close()
