@@ -8,6 +8,7 @@ client transaction per branch, §16.7 response selection, CANCEL and Timer C.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -384,8 +385,8 @@ class ProxyContext:
             self.branches.append(branch)
             branch.client = self.server.start_client(
                 fwd, t.flow,
-                on_response=lambda r, i=i: self._on_response(i, r),
-                on_timeout=lambda i=i: self._on_timeout(i),
+                on_response=functools.partial(self._on_response, i),
+                on_timeout=functools.partial(self._on_timeout, i),
             )
             if req.method == "INVITE":
                 self._arm_timer_c(i)

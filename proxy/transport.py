@@ -158,13 +158,13 @@ class TransportLayer:
                 if port != 0:
                     raise
                 continue  # the ephemeral UDP port is taken on TCP: try another
-            self._udp = udp_transport  # type: ignore[assignment]
+            self._udp = udp_transport
             sock = udp_transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
             self._tcp_server = server
-            self.host, self.port = host, actual
-            return actual
+            self.host, self.port = host, int(actual)
+            return int(actual)
         raise OSError("could not find a port free on both UDP and TCP")
 
     def send(self, flow: Flow, data: bytes) -> None:
