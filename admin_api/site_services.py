@@ -227,7 +227,6 @@ class SiteServices:
     async def stats(self) -> SiteStats:
         snap = dict(self.snapshot())
         aors, bindings = await self._count_registrations()
-        cache = self.server.proxy.dht.cache if self.server.proxy.dht is not None else None
 
         def n(key: str) -> int:
             return int(snap.get(key, 0))
@@ -254,8 +253,8 @@ class SiteServices:
             dht_gets_failed=n("dht_gets_failed"),
             dht_backlog=n("dht_backlog"),
             dht_lookups=n("dht_lookups"),
-            dht_cache_hits=cache.hits if cache is not None else n("dht_cache_hits"),
-            dht_cache_misses=cache.misses if cache is not None else 0,
+            dht_cache_hits=n("dht_cache_hits"),
+            dht_cache_misses=n("dht_cache_misses"),
             dht_peers=n("dht_node_peers"),
             dht_records_accepted=n("dht_node_accepted"),
             dht_records_rejected=n("dht_node_rejected"),

@@ -30,7 +30,14 @@ from typing import Protocol
 
 from .keys import SiteKey, sign_binding
 from .location import Binding
-from .record import MAX_RECORD_BYTES, DhtBinding, RecordTooLarge, encode_record, live
+from .record import (
+    MAX_RECORD_BYTES,
+    DhtBinding,
+    RecordTooLarge,
+    encode_record,
+    live,
+    tombstone_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +150,7 @@ class DhtAdaptor:
             if prev is not None and unchanged and not force and not _half_spent(old, now):
                 out[contact] = prev  # the overlay already holds a good enough copy
                 continue
-            out[contact] = wanted
+            out[contact] = replace(wanted, version=self._version())
             write = True
         for contact, prev in held.items():
             if contact in current:
@@ -153,15 +160,12 @@ class DhtAdaptor:
                     out[contact] = prev
                 continue
             # Unregistered (or expired here first): hide it on the overlay too.
-            out[contact] = replace(
-                prev, tombstone=True, version=0, signature=b"",
+            out[contact] = tombstone_of(
+                prev, version=self._version(),
                 expires_at=max(prev.expires_at, now) + TOMBSTONE_GRACE,
             )  # fmt: skip
             write = True
-        signed = tuple(
-            b if b.signature else sign_binding(replace(b, version=self._version()), self.key)
-            for b in out.values()
-        )
+        signed = tuple(b if b.signature else sign_binding(b, self.key) for b in out.values())
         try:
             encode_record(signed, max_bytes=self.max_bytes)
         except RecordTooLarge:

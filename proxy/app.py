@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,17 +63,25 @@ async def open_store(config: Config) -> LocationStore:
         store = RedisStore(config.redis_url)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    # Redis may still be starting (docker-compose): wait a little before giving up.
+    await _reach_redis(store.ping, store.close, LocationError)
+    return store
+
+
+async def _reach_redis(
+    ping: Callable[[], Awaitable[None]],
+    close: Callable[[], Awaitable[None]],
+    errors: type[Exception],
+) -> None:
+    """Redis may still be starting (docker-compose): wait a little before giving up."""
     for attempt in range(20):
         try:
-            await store.ping()
-            return store
-        except LocationError as exc:
+            await ping()
+            return
+        except errors as exc:
             if attempt == 19:
-                await store.close()
+                await close()
                 raise StartupError(f"cannot reach Redis: {exc}") from None
             await asyncio.sleep(0.5)
-    raise AssertionError("unreachable")
 
 
 async def build_auth(config: Config, server: SipServer) -> UserStore:
@@ -190,21 +198,16 @@ async def joined(node: DhtNode, config: Config) -> AsyncIterator[None]:
 
 
 async def open_record_store(config: Config, trust: TrustStore) -> RecordStore:
-    from dht_adaptor.record_store import MemoryRecordStore, RedisRecordStore
+    from dht_adaptor.record_store import MemoryRecordStore, RecordStoreError, RedisRecordStore
 
     if not config.redis_url:
         return MemoryRecordStore(trust)
-    store = RedisRecordStore(config.redis_url, trust)
-    for attempt in range(20):
-        try:
-            await store.count()
-            return store
-        except Exception as exc:  # redis errors differ by version; startup only
-            if attempt == 19:
-                await store.close()
-                raise StartupError(f"cannot reach Redis: {exc}") from None
-            await asyncio.sleep(0.5)
-    raise AssertionError("unreachable")
+    try:
+        store = RedisRecordStore(config.redis_url, trust)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    await _reach_redis(store.ping, store.close, RecordStoreError)
+    return store
 
 
 async def run_dht(config: Config, ready: asyncio.Event | None = None) -> None:
@@ -231,7 +234,10 @@ def site_stats(
         out.update({f"dht_node_{k}": v for k, v in node.stats().items()})
     router = server.proxy.dht
     if router is not None:
-        out["dht_cache_hit_rate"] = round(router.cache.hit_rate, 4)
+        cache = router.cache
+        out["dht_cache_hits"] = cache.hits
+        out["dht_cache_misses"] = cache.misses
+        out["dht_cache_hit_rate"] = round(cache.hit_rate, 4)
     return out
 
 

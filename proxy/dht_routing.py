@@ -69,25 +69,20 @@ class DhtRouter:
         self.home = home
         self.cache = LookupCache(cache_ttl)
         self.lookup_timeout = lookup_timeout
-        self.lookups = 0
 
     async def route(self, aor: str, ruri: SipUri, *, fresh: bool = False) -> DhtRoute | None:
         """Targets at the home proxies of ``aor``'s bindings, or None when it has none.
 
         Raises the adaptor's DhtError (or TimeoutError) when the DHT cannot answer.
         """
-        stats = self.core.server.stats
         now = self.adaptor.clock()
         bindings = None if fresh else self.cache.get(aor, now)
         from_cache = bindings is not None
         if bindings is None:
-            self.lookups += 1
-            stats.inc("dht_lookups")
+            self.core.server.stats.inc("dht_lookups")
             found = await asyncio.wait_for(self.adaptor.lookup(aor), self.lookup_timeout)
             bindings = tuple(b for b in found if b.home != self.home)
             self.cache.put(aor, bindings, now)
-        else:
-            stats.inc("dht_cache_hits")
         targets = await self._targets(aor, ruri, bindings)
         if not targets:
             return None
@@ -115,5 +110,5 @@ class DhtRouter:
         return targets
 
     def failed(self, aor: str) -> None:
-        """A call routed by the cache failed at a home proxy: forget the entry."""
+        """A call routed through the DHT failed at a home proxy: forget the entry."""
         self.cache.drop(aor)
