@@ -1,24 +1,18 @@
-"""A Kademlia DHT node holding signed, merged binding records: the only kademlia importer.
+"""A Kademlia DHT node holding signed, merged binding records: the :class:`DhtNode` facade.
 
-kademlia 2.2.3 gives us routing, node lookups and the UDP RPC layer; this module replaces
-what does not fit a location service (see the project's STYLE.md for the measured limits):
+kademlia 2.2.3 gives us routing and the UDP RPC layer; what does not fit a location
+service (see STYLE.md for its limits) is replaced here, in :mod:`dht_adaptor.protocol`
+(RPC handlers: merged, verified values; cheap dead nodes; robust to bad peers) and in
+:mod:`dht_adaptor.lookup` (the lookup), the only three modules that import the engine.
+Here are :class:`DhtNode` and :class:`NodeServer`, kademlia's ``Server`` with our
+protocol and tracked background tasks. :class:`DhtNode` adds:
 
-* **Values merge instead of overwriting.** ``rpc_store`` hands the bytes to a
-  :class:`~dht_adaptor.record_store.RecordStore`, which verifies every binding and merges
-  it into what it holds. ``get`` crawls to *all* of the k closest nodes, verifies each
-  answer and merges them (kademlia stops at the first value and takes the most common one,
-  so a node holding one site's bindings would hide the other site's).
+* **Merged reads.** ``get`` asks *all* of the k closest nodes, verifies each answer and
+  merges them (kademlia stops at the first value, so one site's bindings would hide
+  another's).
 * **Typed failures.** ``put``/``get`` raise :class:`DhtUnavailable`, :class:`DhtRejected`,
-  :class:`InvalidBindings` or ``record.RecordTooLarge`` instead of returning None/False.
-* **Dead nodes cost little.** The RPC timeout is configurable (kademlia waits 5 s), a
-  timed-out address is skipped by our own lookups for ``dead_ttl`` seconds (any datagram
-  from it clears that at once), and it leaves the routing table (kademlia already does).
-* **Robust to bad peers.** Undecodable datagrams, unknown RPCs, wrong argument counts or
-  types, node lists with hostnames or bad ids are dropped and logged at debug level; they
-  never raise inside a task or send a traceback to the log.
-* **welcome_if_new** no longer re-digests keys that already are digests (kademlia
-  computes ``digest(key)`` of the 20-byte key, so it picked the wrong nodes to replicate
-  to); replication to a new close node goes through the same merge.
+  :class:`InvalidBindings` (from :mod:`dht_adaptor.errors`, re-exported here) or
+  ``record.RecordTooLarge`` instead of returning None/False.
 * **Republishing and read repair.** Every ``republish_interval`` the node re-stores what
   it holds at the current k closest nodes; after a ``get`` the closest nodes that lacked
   part of the merged record are sent it. Both are safe because merge is idempotent.
@@ -30,26 +24,28 @@ chunks: any subset of a record merges in like the whole.
 from __future__ import annotations
 
 import asyncio
-import inspect
-import ipaddress
 import logging
-import math
 import random
-import socket
-import struct
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import umsgpack
 from kademlia.network import Server
-from kademlia.node import Node, NodeHeap
-from kademlia.protocol import KademliaProtocol
-from kademlia.storage import IStorage
+from kademlia.node import Node
 
+from dht_adaptor.errors import DhtError, DhtRejected, DhtUnavailable, InvalidBindings
 from dht_adaptor.keys import TrustStore
+from dht_adaptor.lookup import IterativeLookup
+from dht_adaptor.protocol import (
+    Address,
+    Bindings,
+    DhtStats,
+    NodeProtocol,
+    NoStorage,
+    Spawn,
+    is_node_id,
+    record_chunks,
+)
 from dht_adaptor.record import (
     DhtBinding,
     RecordError,
@@ -77,525 +73,29 @@ DEFAULT_RPC_TIMEOUT = 0.5  # seconds; kademlia's 5 s made every dead contact cos
 DEFAULT_REPUBLISH_INTERVAL = 600.0
 DEFAULT_SWEEP_INTERVAL = 60.0
 DEFAULT_DEAD_TTL = 30.0
-_ID_BYTES = 20
-_MAX_NODES_IN_ANSWER = 64  # a find_node answer holds k nodes; more is a peer misbehaving
-_UNPACK_ERRORS = (umsgpack.UnpackException, ValueError, OverflowError, RecursionError, struct.error)
-_RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value"})
-
-_MIN_PATIENCE = 0.05  # seconds; see _Protocol.patience
-_PATIENCE_FACTOR = 3.0
-_RTT_SAMPLES = 64
-_MIN_RTT_SAMPLES = 8
-
-Address = tuple[str, int]
-Bindings = tuple[DhtBinding, ...]
-Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any] | None"]
-
-
-class DhtError(Exception):
-    """The DHT could not do what was asked (the proxy answers 5xx)."""
-
-
-class DhtUnavailable(DhtError):
-    """No peers are known, or none of the nodes asked answered."""
-
-
-class DhtRejected(DhtError):
-    """Nodes answered, but every one of them refused the record."""
-
-
-class InvalidBindings(DhtError, ValueError):
-    """``put`` was given bindings of another AOR, or ones our trust store cannot verify."""
-
-
-@dataclass(slots=True)
-class Latency:
-    count: int = 0
-    last: float = 0.0
-    total: float = 0.0
-    max: float = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.count += 1
-        self.last = seconds
-        self.total += seconds
-        self.max = max(self.max, seconds)
-
-
-@dataclass(slots=True)
-class DhtStats:
-    """Counters of one node; :meth:`DhtNode.stats` adds the store's."""
-
-    puts_ok: int = 0
-    puts_failed: int = 0
-    gets_ok: int = 0
-    gets_failed: int = 0
-    rpc_timeouts: int = 0
-    rejected_on_get: int = 0  # bindings in find_value answers that failed verification
-    repairs: int = 0  # records sent by read repair, replication and republishing
-    put_latency: Latency = field(default_factory=Latency)
-    get_latency: Latency = field(default_factory=Latency)
-
-
-class _BadRequest(Exception):
-    """A request we do not answer (wrong argument types); logged at debug."""
-
-
-def _is_id(value: object) -> bool:
-    return isinstance(value, bytes) and len(value) == _ID_BYTES
-
-
-def _checked_id(value: object, what: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) != _ID_BYTES:
-        raise _BadRequest(f"{what} is not {_ID_BYTES} bytes")
-    return value
-
-
-def _chunks(bindings: Bindings) -> list[bytes]:
-    """Records of at most MAX_RECORD_BYTES that together carry ``bindings``."""
-    if not bindings:
-        return []
-    try:
-        return [encode_record(bindings)]
-    except RecordTooLarge:
-        if len(bindings) == 1:
-            log.warning("binding of %s too large for one record; not sent", bindings[0].aor)
-            return []
-        half = len(bindings) // 2
-        return _chunks(bindings[:half]) + _chunks(bindings[half:])
 
 
 def _versions(bindings: Bindings) -> set[tuple[tuple[str, str, str], int]]:
     return {(b.identity, b.version) for b in bindings}
 
 
-class _NoStorage(IStorage):  # type: ignore[misc]
-    """kademlia's own storage, unused: records live in the RecordStore."""
-
-    def __setitem__(self, key: bytes, value: object) -> None:
-        raise RuntimeError("DHT values go through the RecordStore")
-
-    def __getitem__(self, key: bytes) -> object:
-        raise KeyError(key)
-
-    def get(self, key: bytes, default: object = None) -> object:
-        return default
-
-    def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, object]]:
-        return []
-
-    def __iter__(self) -> Any:
-        return iter(())
-
-
-class _Protocol(KademliaProtocol):  # type: ignore[misc]
-    """kademlia's protocol with merged, verified values and defensive request handling."""
-
-    def __init__(
-        self,
-        source_node: Node,
-        ksize: int,
-        *,
-        store: RecordStore,
-        clock: Callable[[], float],
-        stats: DhtStats,
-        spawn: Spawn,
-        rpc_timeout: float,
-        dead_ttl: float,
-        hedge: bool,
-    ) -> None:
-        super().__init__(source_node, _NoStorage(), ksize)
-        self._wait_timeout = rpc_timeout  # rpcudp's per-RPC timeout
-        self._store = store
-        self._clock = clock
-        self._stats = stats
-        self._spawn = spawn
-        self._dead_ttl = dead_ttl
-        self._dead: dict[Address, float] = {}  # address -> loop time it timed out
-        self._closed = False
-        self._family = socket.AF_INET
-        self._signatures: dict[str, inspect.Signature] = {}
-        self._hedge = hedge
-        self._rtts: deque[float] = deque(maxlen=_RTT_SAMPLES)  # of recent answered RPCs
-        self._welcomed: dict[bytes, float] = {}  # node id -> loop time we replicated to it
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            self._family = sock.family
-
-    # -- receiving ---------------------------------------------------------------------
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._dead.pop((addr[0], addr[1]), None)  # it is alive after all
-        if not self._closed:
-            self._spawn(self._solve_datagram(data, addr))
-
-    async def _solve_datagram(self, datagram: bytes, address: Any) -> None:
-        if len(datagram) < 22:
-            log.debug("datagram of %d bytes from %s ignored", len(datagram), address)
-            return
-        msg_id = datagram[1:21]
-        try:
-            data = umsgpack.unpackb(datagram[21:])
-        except _UNPACK_ERRORS as exc:
-            log.debug("undecodable datagram from %s: %r", address, exc)
-            return
-        if datagram[:1] == b"\x00":
-            await self._accept_request(msg_id, data, address)
-        elif datagram[:1] == b"\x01":
-            self._accept_response(msg_id, data, address)
-        else:
-            log.debug("datagram of unknown kind from %s ignored", address)
-
-    def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
-        entry = self._outstanding.pop(msg_id, None)
-        if entry is None:  # usually an answer that came after its timeout
-            log.debug("late or unknown response from %s ignored", address)
-            return
-        future, timer = entry
-        timer.cancel()
-        if not future.done():
-            future.set_result((True, data))
-
-    async def _accept_request(self, msg_id: bytes, data: Any, address: Any) -> None:
-        if not (
-            isinstance(data, list)
-            and len(data) == 2
-            and data[0] in _RPC_NAMES
-            and isinstance(data[1], list)
-        ):
-            log.debug("malformed request from %s ignored", address)
-            return
-        name, args = data
-        func = getattr(self, f"rpc_{name}")
-        signature = self._signatures.get(name)
-        if signature is None:
-            signature = self._signatures[name] = inspect.signature(func)
-        try:
-            signature.bind(address, *args)
-        except TypeError:
-            log.debug("rpc_%s from %s with %d arguments ignored", name, address, len(args))
-            return
-        try:
-            response = func(address, *args)
-            if inspect.isawaitable(response):
-                response = await response
-        except _BadRequest as exc:
-            log.debug("rpc_%s from %s ignored: %s", name, address, exc)
-            return
-        if not self._closed:
-            self.transport.sendto(b"\x01" + msg_id + umsgpack.packb(response), address)
-
-    def _timeout(self, msg_id: bytes) -> None:
-        self._stats.rpc_timeouts += 1
-        entry = self._outstanding.pop(msg_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result((False, None))
-
-    # -- RPC handlers ------------------------------------------------------------------
-
-    def _source(self, sender: Any, nodeid: object) -> Node:
-        return Node(_checked_id(nodeid, "node id"), sender[0], sender[1])
-
-    def rpc_ping(self, sender: Any, nodeid: object) -> bytes:
-        self.welcome_if_new(self._source(sender, nodeid))
-        return bytes(self.source_node.id)
-
-    async def rpc_store(self, sender: Any, nodeid: object, key: object, value: object) -> bool:
-        source = self._source(sender, nodeid)
-        dkey = _checked_id(key, "key")
-        self.welcome_if_new(source)
-        try:
-            # merge_in checks the value's type, so non-bytes values count as rejected.
-            result = await self._store.merge_in(dkey, value, self._clock())  # type: ignore[arg-type]
-        except RecordStoreError as exc:
-            log.warning("cannot store record for key %s: %s", dkey.hex(), exc)
-            return False
-        return result.ok
-
-    def rpc_find_node(self, sender: Any, nodeid: object, key: object) -> list[tuple[Any, ...]]:
-        source = self._source(sender, nodeid)
-        dkey = _checked_id(key, "key")
-        self.welcome_if_new(source)
-        neighbors = self.router.find_neighbors(Node(dkey), exclude=source)
-        return [tuple(n) for n in neighbors]
-
-    async def rpc_find_value(self, sender: Any, nodeid: object, key: object) -> Any:
-        source = self._source(sender, nodeid)
-        dkey = _checked_id(key, "key")
-        self.welcome_if_new(source)
-        try:
-            held = await self._store.get(dkey, self._clock())
-            if held:
-                return {"value": encode_record(held, max_bytes=MAX_HELD_BYTES)}
-        except (RecordStoreError, RecordError) as exc:
-            log.warning("cannot read record for key %s: %s", dkey.hex(), exc)
-        neighbors = self.router.find_neighbors(Node(dkey), exclude=source)
-        return [tuple(n) for n in neighbors]
-
-    # -- calling -----------------------------------------------------------------------
-
-    def live_neighbors(self, target: Node) -> list[Node]:
-        """The k closest contacts to ``target`` in the routing table, known-dead ones left out."""
-        return [n for n in self.router.find_neighbors(target) if not self.is_dead((n.ip, n.port))]
-
-    def is_dead(self, address: Address) -> bool:
-        since = self._dead.get(address)
-        if since is None:
-            return False
-        if asyncio.get_running_loop().time() - since < self._dead_ttl:
-            return True
-        del self._dead[address]
-        return False
-
-    async def _call(self, node: Node, rpc: str, *args: Any) -> tuple[bool, Any]:
-        address = (node.ip, node.port)
-        if self._closed:
-            return (False, None)
-        if self.is_dead(address):
-            self.router.remove_contact(node)
-            return (False, None)
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
-        result: tuple[bool, Any] = await getattr(self, rpc)(address, self.source_node.id, *args)
-        if result[0]:
-            self._rtts.append(loop.time() - sent)
-        elif not self._closed:
-            self._dead[address] = loop.time()
-        return self.handle_call_response(result, node)
-
-    def patience(self) -> float:
-        """How long a lookup waits for one answer before asking someone else meanwhile:
-        a few times the median of recent round-trip times, within [50 ms, rpc_timeout].
-
-        Too short only costs an extra RPC (a straggler's late answer is still used); too
-        long makes every dead contact cost that long.
-        """
-        if not self._hedge:
-            return math.inf
-        if len(self._rtts) < _MIN_RTT_SAMPLES:
-            return float(self._wait_timeout)
-        median = sorted(self._rtts)[len(self._rtts) // 2]
-        return float(min(self._wait_timeout, max(_MIN_PATIENCE, _PATIENCE_FACTOR * median)))
-
-    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        return await self._call(node_to_ask, "find_node", node_to_find.id)
-
-    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        return await self._call(node_to_ask, "find_value", node_to_find.id)
-
-    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
-        return await self._call(node_to_ask, "ping")
-
-    async def call_store(self, node_to_ask: Node, key: bytes, value: bytes) -> tuple[bool, Any]:
-        return await self._call(node_to_ask, "store", key, value)
-
-    async def send_record(self, node: Node, key: bytes, chunks: Sequence[bytes]) -> bool:
-        """Store every chunk at ``node``; True if it took them all."""
-        for chunk in chunks:
-            ok, accepted = await self.call_store(node, key, chunk)
-            if not (ok and accepted is True):
-                return False
-        self._stats.repairs += 1
-        return True
-
-    def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
-        # kademlia's, without a warning per timeout: under churn that floods the log.
-        if not result[0]:
-            self.router.remove_contact(node)
-        else:
-            self.welcome_if_new(node)
-        return result
-
-    def parse_nodes(self, payload: object) -> list[Node]:
-        """The valid, not-ourselves, not-known-dead nodes of a find_node answer."""
-        if not isinstance(payload, list):
-            return []
-        nodes = []
-        for entry in payload[:_MAX_NODES_IN_ANSWER]:
-            if not (isinstance(entry, list | tuple) and len(entry) == 3):
-                continue
-            node_id, ip, port = entry
-            if not _is_id(node_id) or node_id == self.source_node.id:
-                continue
-            if type(port) is not int or not 0 < port < 65536 or not isinstance(ip, str):
-                continue
-            try:  # never a hostname: sendto would resolve it, blocking the event loop
-                version = ipaddress.ip_address(ip).version
-            except ValueError:
-                continue
-            if version != (6 if self._family == socket.AF_INET6 else 4):
-                continue
-            if not self.is_dead((ip, port)):
-                nodes.append(Node(node_id, ip, port))
-        return nodes
-
-    # -- membership --------------------------------------------------------------------
-
-    def welcome_if_new(self, node: Node) -> None:
-        """Add ``node`` to the routing table; if new, send it the records it should hold.
-
-        kademlia 2.2.3 computes ``digest(key)`` here although stored keys already are
-        digests, so it compared distances to the wrong point. Paper §2.5: we send a record
-        when the new node is among the k closest to its key and we are the closest.
-        """
-        if self._closed or node.id == self.source_node.id or not self.router.is_new_node(node):
-            return
-        log.debug("new contact %s", node)
-        # A node in a full bucket stays "new" (it waits in the replacement cache), so
-        # remember whom we replicated to: one scan of the store per node per dead_ttl.
-        now = asyncio.get_running_loop().time()
-        if now - self._welcomed.get(node.id, -math.inf) >= self._dead_ttl:
-            self._welcomed[node.id] = now
-            self._spawn(self._replicate_to(node))
-        self.router.add_contact(node)
-
-    async def _replicate_to(self, node: Node) -> None:
-        try:
-            async for key, bindings in self._store.items(self._clock()):
-                keynode = Node(key)  # the key is the digest already
-                neighbors = self.router.find_neighbors(keynode, exclude=node)
-                if neighbors:
-                    farthest = neighbors[-1].distance_to(keynode)
-                    new_close = len(neighbors) < self.router.ksize or (
-                        node.distance_to(keynode) < farthest
-                    )
-                    nearest = neighbors[0].distance_to(keynode)
-                    we_closest = self.source_node.distance_to(keynode) < nearest
-                    if not (new_close and we_closest):
-                        continue
-                await self.send_record(node, key, _chunks(bindings))
-        except RecordStoreError as exc:
-            log.warning("cannot replicate to %s: %s", node, exc)
-
-    def prune(self) -> None:
-        """Forget dead marks and replication times older than ``dead_ttl``."""
-        horizon = asyncio.get_running_loop().time() - self._dead_ttl
-        self._dead = {a: since for a, since in self._dead.items() if since >= horizon}
-        self._welcomed = {n: since for n, since in self._welcomed.items() if since >= horizon}
-
-    def shutdown(self) -> None:
-        """Stop answering; every RPC still waiting fails now instead of at its timeout."""
-        self._closed = True
-        for future, timer in self._outstanding.values():
-            timer.cancel()
-            if not future.done():
-                future.set_result((False, None))
-        self._outstanding.clear()
-
-
-class _Lookup:
-    """An iterative lookup keeping ``alpha`` RPCs in flight (Kademlia paper §2.3).
-
-    kademlia's SpiderCrawl works in rounds of alpha RPCs and waits for the slowest, so a
-    dead contact stalls the round for a full timeout. Here a slow contact holds one slot
-    for at most ``protocol.patience()`` (a few round-trip times): then it is set aside as
-    a straggler, and the next candidate is asked. A straggler that answers before the
-    lookup ends is taken back; one that times out is evicted as usual, in the background.
-
-    The lookup ends when each of the k closest nodes heard of has answered or been set
-    aside. A find_value lookup does not stop at the first value: every value is kept
-    (records merge), in ``values`` by node id, still untrusted.
-    """
-
-    def __init__(
-        self,
-        protocol: _Protocol,
-        target: Node,
-        peers: list[Node],
-        ksize: int,
-        alpha: int,
-        spawn: Spawn,
-    ) -> None:
-        self._protocol = protocol
-        self._target = target
-        self._alpha = alpha
-        self._spawn = spawn
-        self.nearest = NodeHeap(target, ksize)
-        self.nearest.push(peers)
-        # Failed nodes and stragglers, kept out of ``nearest`` even when later answers list
-        # them again (kademlia's NodeHeap would take them back, already "contacted", and
-        # return dead nodes as the closest: a put then waited for their timeouts).
-        self._out: set[bytes] = set()
-        self.answered = 0
-        self.values: dict[bytes, object] = {}
-
-    async def run(self, *, find_value: bool = False) -> list[Node]:
-        """The k closest nodes that answered, nearest first."""
-        call = self._protocol.call_find_value if find_value else self._protocol.call_find_node
-        loop = asyncio.get_running_loop()
-        pending: dict[asyncio.Task[tuple[bool, Any]], tuple[Node, float]] = {}
-        active: set[asyncio.Task[tuple[bool, Any]]] = set()  # pending, not stragglers
-        while True:
-            patience = self._protocol.patience()  # adapts as answers come in
-            for peer in self.nearest.get_uncontacted()[: self._alpha - len(active)]:
-                self.nearest.mark_contacted(peer)
-                task = self._spawn(call(peer, self._target))
-                if task is None:  # the node is closing
-                    return list(self.nearest)
-                pending[task] = (peer, loop.time())
-                active.add(task)
-            if not active:
-                if self.answered or not pending:
-                    # Stragglers still pending finish in the background (tracked by the
-                    # node), so that dead ones get evicted.
-                    return list(self.nearest)
-                timeout = None  # nobody answered yet: wait for the stragglers after all
-            elif math.isinf(patience):
-                timeout = None
-            else:
-                first = min(pending[t][1] for t in active)
-                timeout = max(0.0, first + patience - loop.time())
-            done, _ = await asyncio.wait(
-                pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in done:
-                peer, _ = pending.pop(task)
-                active.discard(task)
-                failed = task.cancelled() or task.exception() is not None  # (logged)
-                ok, payload = (False, None) if failed else task.result()
-                if not ok:
-                    self._set_aside(peer)
-                    continue
-                if peer.id in self._out:  # a straggler after all
-                    self._out.discard(peer.id)
-                    self.nearest.push(peer)
-                if isinstance(payload, dict) and find_value:
-                    self.answered += 1
-                    self.values[peer.id] = payload.get("value")
-                else:
-                    self.answered += 1
-                    nodes = self._protocol.parse_nodes(payload)
-                    self.nearest.push([n for n in nodes if n.id not in self._out])
-            now = loop.time()
-            for task in [t for t in active if now - pending[t][1] >= patience]:
-                active.discard(task)
-                self._set_aside(pending[task][0])
-
-    def _set_aside(self, peer: Node) -> None:
-        self._out.add(peer.id)
-        self.nearest.remove([peer.id])
-
-
-class _Server(Server):  # type: ignore[misc]
+class NodeServer(Server):  # type: ignore[misc]
     """kademlia's Server with our protocol and tracked background tasks."""
 
     def __init__(
         self,
-        make_protocol: Callable[[Node, int], _Protocol],
+        make_protocol: Callable[[Node, int], NodeProtocol],
         spawn: Spawn,
         *,
         ksize: int,
         alpha: int,
         node_id: bytes | None,
     ) -> None:
-        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=_NoStorage())
+        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=NoStorage())
         self._make_protocol = make_protocol
         self._spawn = spawn
 
-    def _create_protocol(self) -> _Protocol:
+    def _create_protocol(self) -> NodeProtocol:
         return self._make_protocol(self.node, self.ksize)
 
     def refresh_table(self, interval: float = 3600) -> None:
@@ -605,13 +105,12 @@ class _Server(Server):  # type: ignore[misc]
 
     async def _refresh_table(self) -> None:
         # Only the bucket refresh; records are republished by DhtNode from the RecordStore.
-        crawls = []
-        for node_id in self.protocol.get_refresh_ids():
+        protocol, crawls = self.protocol, []
+        for node_id in protocol.get_refresh_ids():
             target = Node(node_id)
-            nearest = self.protocol.router.find_neighbors(target, self.alpha)
-            crawls.append(
-                _Lookup(self.protocol, target, nearest, self.ksize, self.alpha, self._spawn).run()
-            )
+            nearest = protocol.router.find_neighbors(target, self.alpha)
+            lookup = IterativeLookup(protocol, target, nearest, self.ksize, self.alpha, self._spawn)
+            crawls.append(lookup.run())
         await asyncio.gather(*crawls)
 
 
@@ -636,7 +135,7 @@ class DhtNode:
         """``store`` stays the caller's: :meth:`close` does not close it.
 
         ``rpc_timeout`` is when an RPC fails and its node is evicted; with ``hedge`` a
-        lookup asks the next node after a few round-trip times meanwhile (see _Lookup).
+        lookup asks the next node after a few round-trip times meanwhile (see IterativeLookup).
         """
         if ksize < 1 or alpha < 1:
             raise ValueError(f"ksize and alpha must be positive, not {ksize} and {alpha}")
@@ -649,7 +148,7 @@ class DhtNode:
                 raise ValueError(f"{name} must be positive, not {value}")
         if dead_ttl < 0:
             raise ValueError(f"dead_ttl must not be negative, not {dead_ttl}")
-        if node_id is not None and not _is_id(node_id):
+        if node_id is not None and not is_node_id(node_id):
             raise ValueError("node_id must be 20 bytes")
         self._store = store
         self._trust = trust
@@ -666,15 +165,15 @@ class DhtNode:
         self._closed = False
         self._had_peers = False
         self._address: Address | None = None
-        self._server = _Server(
+        self._server = NodeServer(
             self._make_protocol, self._spawn, ksize=ksize, alpha=alpha, node_id=node_id
         )
 
     def __repr__(self) -> str:
         return f"DhtNode({self.node_id_hex[:12]}…, {self._address})"
 
-    def _make_protocol(self, source_node: Node, ksize: int) -> _Protocol:
-        return _Protocol(
+    def _make_protocol(self, source_node: Node, ksize: int) -> NodeProtocol:
+        return NodeProtocol(
             source_node,
             ksize,
             store=self._store,
@@ -701,7 +200,7 @@ class DhtNode:
             log.warning("DHT background task failed: %r", task.exception())
 
     @property
-    def _protocol(self) -> _Protocol:
+    def _protocol(self) -> NodeProtocol:
         protocol = self._server.protocol
         if protocol is None or self._closed:
             raise DhtUnavailable("the DHT node is not listening")
@@ -746,7 +245,7 @@ class DhtNode:
         if resolved is None:
             return False
         ok, node_id = await self._protocol.ping(resolved, self.node_id)
-        return bool(ok) and _is_id(node_id)
+        return bool(ok) and is_node_id(node_id)
 
     async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> int:
         """Join via known nodes (hostnames are resolved); returns how many peers we know."""
@@ -757,28 +256,16 @@ class DhtNode:
         for address, (ok, node_id) in zip(
             [a for a in resolved if a is not None], await asyncio.gather(*pings), strict=True
         ):
-            if ok and _is_id(node_id) and node_id != self.node_id:
+            if ok and is_node_id(node_id) and node_id != self.node_id:
                 seed = Node(node_id, address[0], address[1])
                 protocol.welcome_if_new(seed)
                 seeds.append(seed)
         if seeds:
-            await _Lookup(
-                protocol, self._server.node, seeds, self._ksize, self._alpha, self._spawn
-            ).run()
+            await self._lookup(protocol, self._server.node, seeds).run()
         return len(self.peers())
 
     async def _resolve(self, host: str, port: int) -> Address | None:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, family=self._protocol._family, type=socket.SOCK_DGRAM
-            )
-        except OSError as exc:
-            log.warning("cannot resolve DHT bootstrap node %s:%s: %s", host, port, exc)
-            return None
-        if not infos:
-            return None
-        sockaddr = infos[0][4]
-        return (str(sockaddr[0]), int(sockaddr[1]))
+        return await self._protocol.resolve(host, port)
 
     def peers(self) -> list[tuple[str, str, int]]:
         """(node id hex, host, port) of every node in the routing table."""
@@ -802,7 +289,10 @@ class DhtNode:
         peers = protocol.live_neighbors(target)
         if not peers:
             return []
-        return await _Lookup(protocol, target, peers, self._ksize, self._alpha, self._spawn).run()
+        return await self._lookup(protocol, target, peers).run()
+
+    def _lookup(self, protocol: NodeProtocol, target: Node, peers: list[Node]) -> IterativeLookup:
+        return IterativeLookup(protocol, target, peers, self._ksize, self._alpha, self._spawn)
 
     def _we_are_close(self, target: Node, nodes: list[Node]) -> bool:
         if len(nodes) < self._ksize:
@@ -902,7 +392,7 @@ class DhtNode:
         closest: list[Node] = []
         answered = 0
         if peers:
-            lookup = _Lookup(protocol, target, peers, self._ksize, self._alpha, self._spawn)
+            lookup = self._lookup(protocol, target, peers)
             closest = await lookup.run(find_value=True)
             answered = lookup.answered
             found = {nid: self._admit_answer(key, v) for nid, v in lookup.values.items()}
@@ -944,7 +434,7 @@ class DhtNode:
     ) -> None:
         """Read repair: send the merged record to the closest nodes that lacked part of it."""
         want = _versions(merged)
-        chunks = _chunks(merged)
+        chunks = record_chunks(merged)
         protocol = self._protocol
         stale = [n for n in closest if not want <= _versions(found.get(n.id, ()))]
         if stale:
@@ -967,7 +457,7 @@ class DhtNode:
         sent = 0
         async for key, bindings in self._store.items(self._clock()):
             nodes = await self._closest(Node(key))
-            chunks = _chunks(bindings)
+            chunks = record_chunks(bindings)
             results = await asyncio.gather(*(protocol.send_record(n, key, chunks) for n in nodes))
             sent += sum(results)
         return sent
@@ -991,25 +481,9 @@ class DhtNode:
 
     def stats(self) -> dict[str, float]:
         """A snapshot of the counters, with the store's accepted/rejected and latencies."""
-        c = self._counters
-        return {
-            "puts_ok": c.puts_ok,
-            "puts_failed": c.puts_failed,
-            "gets_ok": c.gets_ok,
-            "gets_failed": c.gets_failed,
-            "rejected": self._store.rejected,
-            "accepted": self._store.accepted,
-            "rejected_on_get": c.rejected_on_get,
-            "rpc_timeouts": c.rpc_timeouts,
-            "repairs": c.repairs,
-            "put_latency_last": c.put_latency.last,
-            "put_latency_total": c.put_latency.total,
-            "put_latency_max": c.put_latency.max,
-            "get_latency_last": c.get_latency.last,
-            "get_latency_total": c.get_latency.total,
-            "get_latency_max": c.get_latency.max,
-            "peers": len(self.peers()),
-        }
+        return self._counters.snapshot(
+            accepted=self._store.accepted, rejected=self._store.rejected, peers=len(self.peers())
+        )
 
     async def close(self) -> None:
         """Stop the node (idempotent): close the socket, end background tasks."""
