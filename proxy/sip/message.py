@@ -255,8 +255,13 @@ class VersionStartLineError(StartLineError, VersionNotSupported):
     """An unsupported SIP version, read with the headers: answered with 505 (§21.5.26)."""
 
 
+def _is_ascii_upper(text: str, literal: str) -> bool:
+    """``text`` is ``literal`` in any ASCII case: str.upper() alone maps "\u017f" to "S"."""
+    return text.isascii() and text.upper() == literal
+
+
 def _is_status_line(line: str) -> bool:
-    return line[:4].upper() == "SIP/"
+    return _is_ascii_upper(line[:4], "SIP/")
 
 
 def _split_header_block(text: str) -> list[tuple[str, str]]:
@@ -292,7 +297,7 @@ def _parse_start_line(line: str, headers: Headers, body: bytes) -> Request | Res
         # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase (RFC 3261 §7.2)
         version, sp1, rest = line.partition(" ")
         code, sp2, reason = rest.partition(" ")
-        if version.upper() != SIP_VERSION:
+        if not _is_ascii_upper(version, SIP_VERSION):
             raise VersionNotSupported(f"unsupported version {version[:16]!r}")
         if not sp1 or not sp2 or len(code) != 3 or not code.isdigit() or not code.isascii():
             raise ParseError("malformed status line")  # e.g. RFC 4475 §3.1.2.19 bigcode
@@ -310,7 +315,7 @@ def _parse_start_line(line: str, headers: Headers, body: bytes) -> Request | Res
         raise ParseError("malformed method")
     if uri[0] == "<":
         raise ParseError("Request-URI must not be enclosed in <>")  # RFC 4475 §3.1.2.7
-    if version.upper() != SIP_VERSION:
+    if not _is_ascii_upper(version, SIP_VERSION):
         if _is_status_line(version):
             raise VersionNotSupported(f"unsupported version {version[:16]!r}")
         raise ParseError("malformed request line")
