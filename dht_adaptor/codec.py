@@ -17,12 +17,12 @@ values must fit in one UDP datagram). Unknown fields are rejected: a new field m
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 from dht_adaptor.location import Binding
+from dht_adaptor.strict_json import StrictJson, dump, kind
 
 VERSION = 1
 
@@ -49,6 +49,9 @@ class CodecError(ValueError):
     """The bytes are not a valid binding record (or a binding cannot be encoded)."""
 
 
+_JSON = StrictJson(CodecError, version=VERSION)
+
+
 # -- encoding --------------------------------------------------------------------------
 
 
@@ -69,7 +72,7 @@ def _binding_to_obj(binding: Binding) -> dict[str, Any]:
         "expires_at": binding.expires_at,
     }
     if not isinstance(binding.path, tuple):  # a list would not survive the round trip
-        _fail(f"'path' must be a tuple, not {_kind(binding.path)}")
+        _fail(f"'path' must be a tuple, not {kind(binding.path)}")
     for name in _OPTIONAL:
         value = getattr(binding, name)
         if value != _DEFAULTS[name]:
@@ -82,8 +85,7 @@ def _binding_to_obj(binding: Binding) -> dict[str, Any]:
 
 def _dump(obj: dict[str, Any]) -> bytes:
     try:
-        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return text.encode("utf-8")
+        return dump(obj)
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise CodecError(f"cannot encode binding: {exc}") from exc
 
@@ -93,58 +95,32 @@ def _dump(obj: dict[str, Any]) -> bytes:
 
 def decode_binding(data: bytes) -> Binding:
     """Parse a record made by :func:`encode_binding`."""
-    obj = _load(data)
-    _check_keys(obj, required={"v", *_REQUIRED}, allowed={"v", *_FIELDS}, where="record")
+    obj = _JSON.load(data)
+    _JSON.check_keys(obj, required={"v", *_REQUIRED}, allowed={"v", *_FIELDS}, where="record")
     return _binding_from_obj({k: v for k, v in obj.items() if k != "v"})
 
 
 def decode_bindings(data: bytes) -> list[Binding]:
     """Parse a record made by :func:`encode_bindings`."""
-    obj = _load(data)
-    _check_keys(obj, required={"v", "bindings"}, allowed={"v", "bindings"}, where="record")
+    obj = _JSON.load(data)
+    _JSON.check_keys(obj, required={"v", "bindings"}, allowed={"v", "bindings"}, where="record")
     items = obj["bindings"]
     if not isinstance(items, list):
-        _fail(f"'bindings' must be a list, not {_kind(items)}")
+        _fail(f"'bindings' must be a list, not {kind(items)}")
     result = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            _fail(f"bindings[{index}] must be an object, not {_kind(item)}")
-        try:
+            _fail(f"bindings[{index}] must be an object, not {kind(item)}")
+        with _JSON.within(f"bindings[{index}]"):
             result.append(_binding_from_obj(item))
-        except CodecError as exc:
-            raise CodecError(f"bindings[{index}]: {exc}") from None
     return result
 
 
-def _load(data: bytes) -> dict[str, Any]:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        _fail(f"record must be bytes, not {_kind(data)}")
-    try:
-        text = bytes(data).decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except CodecError:
-        raise
-    except UnicodeDecodeError as exc:
-        raise CodecError(f"record is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    except ValueError as exc:  # JSONDecodeError, and ints longer than the digit limit
-        raise CodecError(f"record is not JSON: {exc}") from None
-    except RecursionError:
-        raise CodecError("record is not JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        _fail(f"record must be a JSON object, not {_kind(obj)}")
-    version = obj.get("v")
-    if type(version) is not int:  # bool is an int subclass; `true` is not a version
-        _fail(f"record 'v' must be an integer, not {_kind(version)}")
-    if version != VERSION:
-        _fail(f"unsupported record version {version} (this node reads {VERSION})")
-    return obj
-
-
 def _binding_from_obj(obj: dict[str, Any]) -> Binding:
-    _check_keys(obj, required=set(_REQUIRED), allowed=_FIELDS, where="binding")
+    _JSON.check_keys(obj, required=_REQUIRED, allowed=_FIELDS, where="binding")
     path = obj.get("path", [])
     if not isinstance(path, list):
-        _fail(f"'path' must be a list of strings, not {_kind(path)}")
+        _fail(f"'path' must be a list of strings, not {kind(path)}")
     return Binding(
         aor=_text(obj, "aor", nonempty=True),
         contact=_text(obj, "contact", nonempty=True),
@@ -160,21 +136,10 @@ def _binding_from_obj(obj: dict[str, Any]) -> Binding:
     )
 
 
-def _check_keys(
-    obj: dict[str, Any], *, required: set[str], allowed: Iterable[str], where: str
-) -> None:
-    missing = required - obj.keys()
-    if missing:
-        _fail(f"{where} lacks {', '.join(sorted(missing))}")
-    unknown = obj.keys() - set(allowed)
-    if unknown:
-        _fail(f"{where} has unknown field(s) {', '.join(sorted(repr(k) for k in unknown))}")
-
-
 def _text(obj: dict[str, Any], name: str, *, nonempty: bool = False) -> str:
     value = obj.get(name, _DEFAULTS.get(name))
     if not isinstance(value, str):
-        _fail(f"'{name}' must be a string, not {_kind(value)}")
+        _fail(f"'{name}' must be a string, not {kind(value)}")
     if nonempty and not value:
         _fail(f"'{name}' must not be empty")
     # JSON escapes can spell lone surrogates ("\ud800"); they are not text and would
@@ -194,13 +159,7 @@ def _number(
     check: Callable[[float], bool] | None = None,
     rule: str = "",
 ) -> float:
-    value = obj.get(name, _DEFAULTS.get(name))
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        _fail(f"'{name}' must be a number, not {_kind(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an int too big for a float
-        _fail(f"'{name}' is out of range")
+    number = _JSON.number(obj.get(name, _DEFAULTS.get(name)), name)
     if not math.isfinite(number):  # 1e999 parses to inf
         _fail(f"'{name}' must be finite")
     if check is not None and not check(number):
@@ -209,27 +168,7 @@ def _number(
 
 
 def _uint(obj: dict[str, Any], name: str) -> int:
-    value = obj.get(name, _DEFAULTS.get(name))
-    if type(value) is not int:
-        _fail(f"'{name}' must be an integer, not {_kind(value)}")
-    if not 0 <= value <= _MAX_UINT32:
-        _fail(f"'{name}' must be between 0 and {_MAX_UINT32}")
-    return value
-
-
-def _no_duplicates(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        _fail("record has a duplicate field")
-    return obj
-
-
-def _reject_constant(name: str) -> NoReturn:
-    _fail(f"record contains {name}, which is not JSON")
-
-
-def _kind(value: object) -> str:
-    return "null" if value is None else type(value).__name__
+    return _JSON.uint(obj.get(name, _DEFAULTS.get(name)), name, _MAX_UINT32)
 
 
 def _fail(message: str) -> NoReturn:

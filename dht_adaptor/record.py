@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
+
+from dht_adaptor.strict_json import StrictJson, dump, kind
 
 VERSION = 1
 
@@ -68,6 +69,9 @@ class RecordError(ValueError):
 
 class RecordTooLarge(RecordError):
     """The encoded record exceeds max_bytes."""
+
+
+_JSON = StrictJson(RecordError, version=VERSION, too_large=RecordTooLarge)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,7 @@ def new_binding(
     making a binding that lives for decades.
     """
     if isinstance(expires, bool) or not isinstance(expires, int | float):
-        _fail(f"expires must be a number of seconds, not {_kind(expires)}")
+        _fail(f"expires must be a number of seconds, not {kind(expires)}")
     if not 0 < expires <= MAX_LIFETIME:
         _fail(f"expires must be relative seconds in (0, {MAX_LIFETIME}], not {expires!r}")
     b = DhtBinding(aor, contact, home, now + expires, site, version)
@@ -285,8 +289,8 @@ def _encode(bindings: Sequence[DhtBinding]) -> bytes:
     items = []
     for index, b in enumerate(bindings):
         if not isinstance(b, DhtBinding):
-            _fail(f"bindings[{index}] is a {_kind(b)}, not a DhtBinding")
-        with _in_binding(index):
+            _fail(f"bindings[{index}] is a {kind(b)}, not a DhtBinding")
+        with _JSON.within(f"bindings[{index}]"):
             _check_binding(b)
         items.append(_binding_to_obj(b))
     obj: dict[str, Any] = {"v": VERSION}
@@ -295,7 +299,7 @@ def _encode(bindings: Sequence[DhtBinding]) -> bytes:
         obj["a"] = bindings[0].aor
     obj["b"] = items
     # Cannot fail: every value was checked (finite numbers, text without surrogates).
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return dump(obj)
 
 
 def _binding_to_obj(b: DhtBinding) -> dict[str, Any]:
@@ -333,11 +337,11 @@ def decode_record(
     fetched under ``dht_key(aor)`` is really about ``aor``). Signatures are not checked
     here: that is ``TrustStore.filter``'s job.
     """
-    obj = _load(data, max_bytes)
-    _check_keys(obj, required={"v", "b"}, allowed={"v", "a", "b"}, where="record")
+    obj = _JSON.load(data, max_bytes)
+    _JSON.check_keys(obj, required={"v", "b"}, allowed={"v", "a", "b"}, where="record")
     items = obj["b"]
     if not isinstance(items, list):
-        _fail(f"record 'b' must be a list, not {_kind(items)}")
+        _fail(f"record 'b' must be a list, not {kind(items)}")
     if len(items) > MAX_BINDINGS:
         _fail(f"record has {len(items)} bindings, over the limit of {MAX_BINDINGS}")
     if not items:
@@ -349,48 +353,20 @@ def decode_record(
     record_aor = _check_aor(obj["a"])
     result = []
     for index, item in enumerate(items):
-        with _in_binding(index):
+        with _JSON.within(f"bindings[{index}]"):
             result.append(_binding_from_obj(item, record_aor))
     if aor is not None and record_aor != aor:
         _fail(f"record is about {record_aor!r}, not {aor!r}")
     return tuple(result)
 
 
-def _load(data: bytes | bytearray | memoryview, max_bytes: int) -> dict[str, Any]:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        _fail(f"record must be bytes, not {_kind(data)}")
-    raw = bytes(data)
-    if len(raw) > max_bytes:
-        raise RecordTooLarge(f"record is {len(raw)} bytes, over the limit of {max_bytes}")
-    try:
-        obj = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
-        )
-    except RecordError:
-        raise
-    except UnicodeDecodeError as exc:
-        raise RecordError(f"record is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    except ValueError as exc:  # JSONDecodeError, and ints over the digit limit
-        raise RecordError(f"record is not JSON: {exc}") from None
-    except RecursionError:
-        raise RecordError("record is not JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        _fail(f"record must be a JSON object, not {_kind(obj)}")
-    version = obj.get("v")
-    if type(version) is not int:  # bool is an int subclass; `true` is not a version
-        _fail(f"record 'v' must be an integer, not {_kind(version)}")
-    if version != VERSION:
-        _fail(f"unsupported record version {version} (this node reads {VERSION})")
-    return obj
-
-
 def _binding_from_obj(obj: object, aor: str) -> DhtBinding:
     if not isinstance(obj, dict):
-        _fail(f"must be an object, not {_kind(obj)}")
-    _check_keys(obj, required=_REQUIRED, allowed=_FIELDS, where="binding")
+        _fail(f"must be an object, not {kind(obj)}")
+    _JSON.check_keys(obj, required=_REQUIRED, allowed=_FIELDS, where="binding")
     signature = obj.get("g", "")
     if not isinstance(signature, str):
-        _fail(f"'g' must be a base64 string, not {_kind(signature)}")
+        _fail(f"'g' must be a base64 string, not {kind(signature)}")
     if len(signature) > 2 * MAX_SIGNATURE_BYTES:
         _fail("'g' is too long")
     try:
@@ -424,16 +400,16 @@ def _check_binding(b: DhtBinding) -> None:
     _check_text(b.home, "home", MAX_URI_CHARS)
     _check_text(b.site, "site", MAX_SITE_CHARS)
     _number(b.expires_at, "expires_at", 0.0, math.inf)
-    _check_int(b.version, "version", MAX_VERSION)
+    _JSON.uint(b.version, "version", MAX_VERSION)
     if not isinstance(b.key_id, str) or (b.key_id and not _KEY_ID.fullmatch(b.key_id)):
         _fail("'key_id' must be empty or 16 lower-case hex digits")
     _number(b.q, "q", 0.0, 1.0)
     if b.instance is not None:
         _check_text(b.instance, "instance", MAX_URI_CHARS)
     if b.reg_id is not None:
-        _check_int(b.reg_id, "reg_id", MAX_REG_ID)
+        _JSON.uint(b.reg_id, "reg_id", MAX_REG_ID)
     if not isinstance(b.tombstone, bool):
-        _fail(f"'tombstone' must be a boolean, not {_kind(b.tombstone)}")
+        _fail(f"'tombstone' must be a boolean, not {kind(b.tombstone)}")
     if not isinstance(b.signature, bytes) or len(b.signature) > MAX_SIGNATURE_BYTES:
         _fail(f"'signature' must be at most {MAX_SIGNATURE_BYTES} bytes")
 
@@ -454,7 +430,7 @@ def _check_same_aor(bindings: Sequence[DhtBinding], aor: str | None) -> None:
 
 def _check_text(value: object, name: str, limit: int) -> str:
     if not isinstance(value, str):
-        _fail(f"'{name}' must be a string, not {_kind(value)}")
+        _fail(f"'{name}' must be a string, not {kind(value)}")
     if not value:
         _fail(f"'{name}' must not be empty")
     if len(value) > limit:
@@ -465,58 +441,12 @@ def _check_text(value: object, name: str, limit: int) -> str:
 
 
 def _number(value: object, name: str, low: float = -math.inf, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        _fail(f"'{name}' must be a number, not {_kind(value)}")
-    try:
-        number = float(value)
-    except OverflowError:
-        _fail(f"'{name}' is out of range")
+    number = _JSON.number(value, name)
     if not math.isfinite(number):
         _fail(f"'{name}' must be finite, not {number}")
     if not low <= number <= high:
         _fail(f"'{name}' must be between {low:g} and {high:g}, not {number}")
     return number
-
-
-def _check_int(value: object, name: str, high: int) -> None:
-    if type(value) is not int:
-        _fail(f"'{name}' must be an integer, not {_kind(value)}")
-    if not 0 <= value <= high:
-        _fail(f"'{name}' must be between 0 and {high}")
-
-
-def _check_keys(
-    obj: dict[str, Any], *, required: Iterable[str], allowed: Iterable[str], where: str
-) -> None:
-    missing = set(required) - obj.keys()
-    if missing:
-        _fail(f"{where} lacks {', '.join(sorted(missing))}")
-    unknown = obj.keys() - set(allowed)
-    if unknown:
-        _fail(f"{where} has unknown field(s) {', '.join(sorted(repr(k) for k in unknown))}")
-
-
-@contextlib.contextmanager
-def _in_binding(index: int) -> Iterator[None]:
-    try:
-        yield
-    except RecordError as exc:
-        raise RecordError(f"bindings[{index}]: {exc}") from None
-
-
-def _no_duplicates(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        _fail("record has a duplicate field")
-    return obj
-
-
-def _no_constant(name: str) -> NoReturn:
-    _fail(f"record contains {name}, which is not JSON")
-
-
-def _kind(value: object) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def _fail(message: str) -> NoReturn:
