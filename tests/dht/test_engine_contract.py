@@ -12,11 +12,14 @@ pyproject.toml; :data:`REVIEWED` is what this contract was checked against.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import importlib.metadata
 import inspect
 import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -86,6 +89,35 @@ def test_engine_versions_are_pinned_and_installed(dist: str) -> None:
         f"{dist} {installed} is installed, pyproject.toml pins {pinned}: reinstall "
         "(scripts/venv.sh), or review the new version as for an upgrade"
     )
+
+
+# -- who may import the engine ----------------------------------------------------------
+
+ENGINE = {"kademlia", "rpcudp", "umsgpack"}
+ENGINE_IMPORTERS = {"node.py", "protocol.py", "lookup.py"}
+
+
+def test_only_node_protocol_and_lookup_import_the_engine() -> None:
+    for path in sorted((ROOT / "dht_adaptor").glob("*.py")):
+        imported = set()
+        for stmt in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(stmt, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in stmt.names}
+            elif isinstance(stmt, ast.ImportFrom) and stmt.module and not stmt.level:
+                imported.add(stmt.module.split(".")[0])
+        if path.name not in ENGINE_IMPORTERS:
+            assert not imported & ENGINE, (
+                f"dht_adaptor/{path.name} imports {sorted(imported & ENGINE)}: only "
+                f"{sorted(ENGINE_IMPORTERS)} may (the engine is pinned and contract-tested)"
+            )
+
+
+def test_errors_import_without_the_engine() -> None:
+    code = "import sys, dht_adaptor.errors; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert not set(ast.literal_eval(out)) & ENGINE, "dht_adaptor.errors loads the DHT engine"
 
 
 # -- names we override: the engine's method must exist with the same parameters -----------
