@@ -5,7 +5,9 @@ The routes talk to nothing else. Results are the site's own plain types (``Bindi
 them into the pydantic schemas. Errors are :class:`ServiceError` subclasses that carry
 the HTTP status to answer with, as the SIP layers' errors carry a SIP status.
 
-``admin_api.site_services.SiteServices`` implements the protocol over a running site.
+The admin API imports nothing of the site: the types it shows are protocols defined
+here, which the site's own types satisfy. ``proxy.admin_services.SiteServices``
+implements :class:`AdminServices` over a running site.
 """
 
 from __future__ import annotations
@@ -14,9 +16,66 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dht_adaptor.location import Binding
-from dht_adaptor.record import DhtBinding
-from proxy.sip.auth import UserRecord
+
+class Binding(Protocol):
+    """A binding of this site's registrar, as the API shows it."""
+
+    @property
+    def contact(self) -> str: ...
+    @property
+    def expires_at(self) -> float: ...
+    @property
+    def q(self) -> float: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def call_id(self) -> str: ...
+    @property
+    def cseq(self) -> int: ...
+    @property
+    def instance(self) -> str | None: ...
+    @property
+    def reg_id(self) -> int | None: ...
+    @property
+    def path(self) -> tuple[str, ...]: ...
+    @property
+    def registered_at(self) -> float: ...
+    def remaining(self, now: float) -> int: ...
+
+
+class DhtBinding(Protocol):
+    """A verified binding of any site, as the DHT holds it."""
+
+    @property
+    def contact(self) -> str: ...
+    @property
+    def home(self) -> str: ...
+    @property
+    def site(self) -> str: ...
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def expires_at(self) -> float: ...
+    @property
+    def q(self) -> float: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def instance(self) -> str | None: ...
+    @property
+    def reg_id(self) -> int | None: ...
+    def expires_in(self, now: float) -> int: ...
+
+
+class UserRecord(Protocol):
+    """A user who may register: the name and which digest HA1s it has (never shown)."""
+
+    @property
+    def username(self) -> str: ...
+    @property
+    def ha1_md5(self) -> str | None: ...
+    @property
+    def ha1_sha256(self) -> str | None: ...
 
 
 class ServiceError(Exception):

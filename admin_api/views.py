@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from dht_adaptor.location import Binding
-from dht_adaptor.record import DhtBinding
-from proxy.sip.auth import UserRecord
-
 from .schemas import Algorithm, BindingOut, DhtBindingOut, RegistrationOut, UserOut
-from .services import Registration
+from .services import Binding, DhtBinding, Registration, UserRecord
 
 
 def binding_out(b: Binding, now: float) -> BindingOut:

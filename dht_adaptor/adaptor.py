@@ -28,8 +28,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from proxy.location import LocationUnavailable
+from proxy.sip.binding import Binding
+from proxy.sip.errors import Forbidden
+
+from .errors import DhtError
 from .keys import SiteKey, sign_binding
-from .location import Binding
 from .record import (
     MAX_RECORD_BYTES,
     DhtBinding,
@@ -50,12 +54,33 @@ class Overlay(Protocol):
     async def get(self, aor: str) -> tuple[DhtBinding, ...]: ...
 
 
-class TooManyBindings(Exception):
+class TooManyBindings(Forbidden):
     """The AOR's record would not fit in one DHT value; the registrar answers 403."""
 
-    status_code = 403
     reason = "Too Many Bindings"
 
+
+@dataclass(slots=True)
+class AdaptorStats:
+    """What the adaptor did; ``snapshot`` keeps the names the admin API reports."""
+
+    puts_ok: int = 0
+    puts_failed: int = 0
+    puts_skipped: int = 0  # refreshes that changed nothing the overlay needs yet
+    gets_ok: int = 0
+    gets_failed: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "dht_puts_ok": self.puts_ok,
+            "dht_puts_failed": self.puts_failed,
+            "dht_puts_skipped": self.puts_skipped,
+            "dht_gets_ok": self.gets_ok,
+            "dht_gets_failed": self.gets_failed,
+        }
+
+
+LatencyObserver = Callable[[str, float, bool], None]
 
 # A tombstone outlives the binding it hides by this much, so that a slow replica holding
 # the old binding cannot bring it back after the tombstone lapsed.
@@ -95,6 +120,7 @@ class DhtAdaptor:
         max_bytes: int = MAX_RECORD_BYTES,
         republish_interval: float = 600.0,
         retry_delays: Sequence[float] = RETRY_DELAYS,
+        lookup_timeout: float = 3.0,
     ) -> None:
         self.overlay = overlay
         self.key = key
@@ -104,16 +130,9 @@ class DhtAdaptor:
         self.max_bytes = max_bytes
         self.republish_interval = republish_interval
         self.retry_delays = tuple(retry_delays)
-        # Called with ("put" | "get", seconds, ok) after every overlay operation (the
-        # admin API's latency histograms).
-        self.latency_observer: Callable[[str, float, bool], None] | None = None
-        self.stats: dict[str, int] = {
-            "dht_puts_ok": 0,
-            "dht_puts_failed": 0,
-            "dht_puts_skipped": 0,
-            "dht_gets_ok": 0,
-            "dht_gets_failed": 0,
-        }
+        self.lookup_timeout = lookup_timeout
+        self._latency_watchers: list[LatencyObserver] = []
+        self.stats = AdaptorStats()
         self._published: dict[str, _Published] = {}
         self._dirty: dict[str, Prepared] = {}  # latest not yet written, per AOR
         self._attempts: dict[str, int] = {}
@@ -180,7 +199,7 @@ class DhtAdaptor:
         entry.bindings = {b.contact: b for b in prepared.bindings}
         entry.local = prepared.local
         if not prepared.write:
-            self.stats["dht_puts_skipped"] += 1
+            self.stats.puts_skipped += 1
             return
         self._dirty[prepared.aor] = prepared
         self._attempts.pop(prepared.aor, None)
@@ -193,21 +212,32 @@ class DhtAdaptor:
     # --- lookups -----------------------------------------------------------------------
 
     async def lookup(self, aor: str) -> tuple[DhtBinding, ...]:
-        """Verified, live bindings of ``aor`` from every site (raises the node's DhtError)."""
+        """Verified, live bindings of ``aor`` from every site.
+
+        Raises LocationUnavailable (503 to a caller) when the overlay cannot answer
+        within ``lookup_timeout``: the DHT's own errors end here.
+        """
         started = time.perf_counter()
         try:
-            found = await self.overlay.get(aor)
-        except Exception:
-            self.stats["dht_gets_failed"] += 1
+            found = await asyncio.wait_for(self.overlay.get(aor), self.lookup_timeout)
+        except (DhtError, TimeoutError) as exc:
+            self.stats.gets_failed += 1
             self._observe("get", started, False)
-            raise
-        self.stats["dht_gets_ok"] += 1
+            raise LocationUnavailable(f"DHT lookup of {aor} failed: {exc or 'timed out'}") from exc
+        self.stats.gets_ok += 1
         self._observe("get", started, True)
         return live(found, self.clock())
 
+    def watch_latency(self, observer: LatencyObserver) -> None:
+        """Call ``observer("put" | "get", seconds, ok)`` after every overlay operation
+        (the admin API's latency histograms)."""
+        self._latency_watchers.append(observer)
+
     def _observe(self, op: str, started: float, ok: bool) -> None:
-        if self.latency_observer is not None:
-            self.latency_observer(op, time.perf_counter() - started, ok)
+        if self._latency_watchers:
+            seconds = time.perf_counter() - started
+            for watcher in self._latency_watchers:
+                watcher(op, seconds, ok)
 
     # --- the background writer ---------------------------------------------------------
 
@@ -271,8 +301,6 @@ class DhtAdaptor:
         prepared = self._dirty.get(aor)
         if prepared is None:
             return
-        from .node import DhtError
-
         started = self.clock()
         timer = time.perf_counter()
         try:
@@ -280,7 +308,7 @@ class DhtAdaptor:
             if stored <= 0:
                 raise DhtError("no node stored the record")
         except Exception as exc:  # the writer must outlive any one record's failure
-            self.stats["dht_puts_failed"] += 1
+            self.stats.puts_failed += 1
             self._observe("put", timer, False)
             attempt = self._attempts.get(aor, 0)
             self._attempts[aor] = attempt + 1
@@ -294,7 +322,7 @@ class DhtAdaptor:
                 log.log(level, "DHT put of %s failed (%s); retrying in %.1fs", aor, exc, delay)
             next_due[aor] = asyncio.get_running_loop().time() + delay
             return
-        self.stats["dht_puts_ok"] += 1
+        self.stats.puts_ok += 1
         self._observe("put", timer, True)
         next_due.pop(aor, None)
         self._attempts.pop(aor, None)

@@ -21,8 +21,8 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
-from dht_adaptor.location import Binding
 from dht_adaptor.strict_json import StrictJson, dump, kind
+from proxy.sip.binding import Binding
 
 VERSION = 1
 

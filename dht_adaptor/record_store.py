@@ -48,7 +48,7 @@ from dht_adaptor.record import (
     encode_record,
     merge,
 )
-from dht_adaptor.redis_store import describe_url, glob_escape, redis_errors
+from proxy.redis_support import describe_url, glob_escape, redis_errors
 
 log = logging.getLogger(__name__)
 

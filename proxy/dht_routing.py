@@ -9,33 +9,28 @@ reachable and only their own site ever sends to them.
 A request relayed to a home proxy carries ``;p2psip=home`` in its Request-URI. A proxy
 that receives one delivers it to local bindings only: it never goes back into the DHT,
 so two sites cannot bounce a request between them.
+
+The router answers with data (the home proxies to try, the Request-URI to send them);
+the proxy resolves and forks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from dht_adaptor.lookup_cache import LookupCache
-from dht_adaptor.record import DhtBinding
-
+from .location import HomeBinding, RemoteLocator
+from .lookup_cache import LookupCache
+from .sip.errors import ParseError
 from .sip.headers import parse_name_addr
 from .sip.uri import SipUri
-
-if TYPE_CHECKING:
-    from dht_adaptor.adaptor import DhtAdaptor
-
-    from .proxy_core import ProxyCore, Target
+from .stats import SipCounters
 
 log = logging.getLogger(__name__)
 
 RELAY_PARAM = "p2psip"
 RELAY_VALUE = "home"
-# A home proxy answering one of these (or not at all) may mean the cached binding is
-# stale: the phone moved or its site went down. Drop the entry and look again once.
-STALE_STATUSES = frozenset({404, 408, 480, 503})
 
 
 def is_relayed(ruri: object) -> bool:
@@ -50,65 +45,59 @@ def relayed_uri(ruri: SipUri) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DhtRoute:
-    targets: list[Target]
+    """Where to send a request for a user registered at other sites."""
+
+    aor: str
+    request_uri: SipUri  # the Request-URI looked up
+    ruri: str  # the Request-URI for every home proxy (marked as a relay)
+    homes: tuple[SipUri, ...]  # best q first
     from_cache: bool
 
 
 class DhtRouter:
     def __init__(
-        self,
-        core: ProxyCore,
-        adaptor: DhtAdaptor,
-        home: str,
-        *,
-        cache_ttl: float = 10.0,
-        lookup_timeout: float = 3.0,
+        self, locator: RemoteLocator, counters: SipCounters, *, cache_ttl: float = 10.0
     ) -> None:
-        self.core = core
-        self.adaptor = adaptor
-        self.home = home
+        self.locator = locator
+        self.home = locator.home
         self.cache = LookupCache(cache_ttl)
-        self.lookup_timeout = lookup_timeout
+        self._counters = counters
 
     async def route(self, aor: str, ruri: SipUri, *, fresh: bool = False) -> DhtRoute | None:
-        """Targets at the home proxies of ``aor``'s bindings, or None when it has none.
+        """The home proxies of ``aor``'s bindings at other sites, or None when it has none.
 
-        Raises the adaptor's DhtError (or TimeoutError) when the DHT cannot answer.
+        Raises LocationUnavailable when the DHT cannot answer.
         """
-        now = self.adaptor.clock()
+        now = self.locator.clock()
         bindings = None if fresh else self.cache.get(aor, now)
         from_cache = bindings is not None
         if bindings is None:
-            self.core.server.stats.inc("dht_lookups")
-            found = await asyncio.wait_for(self.adaptor.lookup(aor), self.lookup_timeout)
+            self._counters.dht_lookups += 1
+            found = await self.locator.lookup(aor)
             bindings = tuple(b for b in found if b.home != self.home)
             self.cache.put(aor, bindings, now)
-        targets = await self._targets(aor, ruri, bindings)
-        if not targets:
+        homes = _homes(aor, bindings)
+        if not homes:
             return None
-        return DhtRoute(targets, from_cache)
-
-    async def _targets(
-        self, aor: str, ruri: SipUri, bindings: tuple[DhtBinding, ...]
-    ) -> list[Target]:
-        from .proxy_core import RoutingError, Target
-
-        # One branch per home proxy: the home forks to its own contacts of the user.
-        best: dict[str, float] = {}
-        for b in bindings:
-            best[b.home] = max(best.get(b.home, 0.0), b.q)
-        uri = relayed_uri(ruri)
-        targets = []
-        for home in sorted(best, key=lambda h: -best[h]):
-            try:
-                hop = parse_name_addr(f"<{home}>").uri
-                if not isinstance(hop, SipUri):
-                    continue
-                targets.append(Target(uri, await self.core.resolve(hop)))
-            except (RoutingError, ValueError) as exc:
-                log.info("skipping home proxy %s of %s: %s", home, aor, exc)
-        return targets
+        return DhtRoute(aor, ruri, relayed_uri(ruri), homes, from_cache)
 
     def failed(self, aor: str) -> None:
         """A call routed through the DHT failed at a home proxy: forget the entry."""
         self.cache.drop(aor)
+
+
+def _homes(aor: str, bindings: Sequence[HomeBinding]) -> tuple[SipUri, ...]:
+    # One branch per home proxy: the home forks to its own contacts of the user.
+    best: dict[str, float] = {}
+    for b in bindings:
+        best[b.home] = max(best.get(b.home, 0.0), b.q)
+    homes = []
+    for home in sorted(best, key=lambda h: -best[h]):
+        try:
+            uri = parse_name_addr(f"<{home}>").uri
+        except ParseError as exc:
+            log.info("skipping home proxy %r of %s: %s", home, aor, exc)
+            continue
+        if isinstance(uri, SipUri):
+            homes.append(uri)
+    return tuple(homes)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING
+
+from dht_adaptor.errors import DhtError, DhtUnavailable
+from dht_adaptor.keys import KeyFileError, SiteKey, TrustStore
+from dht_adaptor.node import DhtNode
+from dht_adaptor.record import DhtBinding
+from dht_adaptor.record_store import MemoryRecordStore
 
 from .config import Config, HostPort, is_loopback
 from .sip.errors import ParseError
 from .sip.headers import parse_name_addr
 from .sip.uri import aor_of
-
-if TYPE_CHECKING:
-    from dht_adaptor.node import DhtNode
-    from dht_adaptor.record import DhtBinding
 
 
 class LookupError_(Exception):
@@ -42,10 +43,6 @@ def normalize_aor(text: str) -> str:
 
 async def lookup_aor(config: Config, aor_text: str, timeout: float) -> str | None:
     """The JSON text of the bindings found, or None when there are none."""
-    from dht_adaptor.keys import KeyFileError, SiteKey, TrustStore
-    from dht_adaptor.node import DhtError, DhtNode
-    from dht_adaptor.record_store import MemoryRecordStore
-
     if not timeout > 0:
         raise LookupError_("--timeout must be positive")
     aor = normalize_aor(aor_text)
@@ -87,8 +84,6 @@ async def lookup_aor(config: Config, aor_text: str, timeout: float) -> str | Non
 
 
 async def _find(node: DhtNode, config: Config, aor: str) -> tuple[DhtBinding, ...]:
-    from dht_adaptor.node import DhtUnavailable
-
     peers = await node.bootstrap([(b.host, b.port) for b in config.bootstrap])
     if peers == 0:
         raise DhtUnavailable("no bootstrap node answered")
@@ -97,10 +92,6 @@ async def _find(node: DhtNode, config: Config, aor: str) -> tuple[DhtBinding, ..
 
 async def ping_node(addr: HostPort, timeout: float) -> bool:
     """True if the DHT node at ``addr`` answers a ping within ``timeout`` seconds."""
-    from dht_adaptor.keys import TrustStore
-    from dht_adaptor.node import DhtNode
-    from dht_adaptor.record_store import MemoryRecordStore
-
     if not timeout > 0:
         raise LookupError_("--timeout must be positive")
     trust = TrustStore({})

@@ -119,11 +119,13 @@ class _TcpConnection(asyncio.Protocol):
 class TransportLayer:
     def __init__(
         self,
-        on_message: OnMessage,
+        on_message: OnMessage | None = None,
         *,
         idle_timeout: float = 600.0,
         partial_timeout: float = 10.0,
     ) -> None:
+        """``on_message`` may come later, with :meth:`serve`: a site binds its sockets
+        first, to know its port, and then builds what handles the messages."""
         self.on_message = on_message
         self.idle_timeout = idle_timeout
         self.partial_timeout = partial_timeout
@@ -135,7 +137,14 @@ class TransportLayer:
         self.host = ""
         self.port = 0
 
+    def serve(self, on_message: OnMessage) -> None:
+        """Hand every message from now on to ``on_message`` (earlier ones were dropped)."""
+        self.on_message = on_message
+
     def deliver(self, data: bytes, flow: Flow) -> None:
+        if self.on_message is None:
+            log.debug("not serving yet: dropped a message from %s", flow)
+            return
         try:
             self.on_message(data, flow)
         except Exception:  # the server must survive any one message

@@ -23,10 +23,15 @@ import contextlib
 import logging
 import os
 import string
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
 from .config import Config
+from .redis_support import describe_url, glob_escape, redis_errors
 from .sip.auth import UserRecord
 from .users import UserDirectory, UsersFileError, load_users_file
 
@@ -195,10 +200,6 @@ class RedisUserStore(UserStore):
         timeout: float = 2.0,
         refresh_interval: float = REFRESH_INTERVAL,
     ) -> None:
-        import redis.asyncio as aioredis
-
-        from dht_adaptor.redis_store import describe_url
-
         super().__init__(realm)
         self._where = describe_url(url)  # ValueError for a bad URL
         self._key_prefix = f"{prefix}user:"
@@ -214,16 +215,8 @@ class RedisUserStore(UserStore):
     def key(self, username: str) -> str:
         return f"{self._key_prefix}{username}"
 
-    @contextlib.contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        from redis.exceptions import RedisError
-
-        try:
-            yield
-        except (RedisError, OSError) as exc:
-            raise UserStoreError(
-                f"redis at {self._where}: {action} failed: {type(exc).__name__}"
-            ) from exc
+    def _errors(self, action: str) -> AbstractContextManager[None]:
+        return redis_errors(UserStoreError, self._where, action)
 
     async def put(self, record: UserRecord) -> bool:
         check_record(record)
@@ -253,10 +246,8 @@ class RedisUserStore(UserStore):
 
     async def refresh(self) -> None:
         """Read every user from Redis and replace the copy in memory."""
-        from redis.exceptions import ResponseError
-
         users: dict[str, UserRecord] = {}
-        pattern = _glob_escape(self._key_prefix) + "*"
+        pattern = glob_escape(self._key_prefix) + "*"
         with self._errors("load users"):
             keys = [k async for k in self._client.scan_iter(match=pattern, count=500)]
             async with self._client.pipeline(transaction=False) as pipe:
@@ -320,10 +311,6 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 # --- opening the site's store -----------------------------------------------------------

@@ -48,9 +48,13 @@ def test_udp_phone_calls_tcp_phone(site_factory, phone_factory) -> None:
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
-def test_digest_auth_register_and_call(site_factory, phone_factory, tmp_path: Path, transport) -> None:
+def test_digest_auth_register_and_call(
+    site_factory, phone_factory, tmp_path: Path, transport
+) -> None:
     users = tmp_path / "users.toml"
-    users.write_text('[users."alice"]\npassword = "wonderland"\n[users."bob"]\npassword = "builder"\n')
+    users.write_text(
+        '[users."alice"]\npassword = "wonderland"\n[users."bob"]\npassword = "builder"\n'
+    )
     site = site_factory("--domain", DOMAIN, "--users", str(users))
     alice = phone_factory("alice", transport=transport)
     bob = phone_factory("bob", transport=transport)

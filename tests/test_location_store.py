@@ -27,8 +27,9 @@ from dht_adaptor.codec import (
     encode_binding,
     encode_bindings,
 )
-from dht_adaptor.location import Binding, LocationError, LocationStore, MemoryStore
+from dht_adaptor.location import MemoryStore
 from dht_adaptor.redis_store import RedisStore
+from proxy.location import Binding, LocationError, LocationStore
 from tests.support.redis_server import RedisServer
 
 ALICE = "sip:alice@example.com"

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from dht_adaptor.location import MemoryStore
 from proxy.config import Config, HostPort
-from proxy.server import SipServer
+from proxy.resolver import Resolver
 from proxy.sip.framing import MAX_MESSAGE_BYTES
 from proxy.sip.message import Request, Response, make_response, parse_message
 from proxy.sip.uri import SipUri
+from proxy.site import Site, build_site
 from proxy.transport import Flow, TransportLayer
 
 HOST = "127.0.0.1"
@@ -425,34 +425,51 @@ class _Sink(asyncio.DatagramProtocol):
     pass
 
 
+class Clock:
+    """The site's wall clock: real time until a test sets ``fixed``."""
+
+    def __init__(self) -> None:
+        self.fixed: float | None = None
+
+    def __call__(self) -> float:
+        return time.time() if self.fixed is None else self.fixed
+
+
 @pytest.fixture
-async def sip_server() -> AsyncIterator[tuple[SipServer, int]]:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def sip_server(tmp_path: Path, clock: Clock) -> AsyncIterator[tuple[Site, int]]:
     config = Config(
         sip_listen=HostPort(HOST, 0),
+        dht_listen=HostPort(HOST, 0),
+        data_dir=tmp_path / "data",
         domains=("example.com",),
         tcp_idle_timeout=5.0,
         tcp_partial_timeout=1.0,
     )
-    server = SipServer(config, MemoryStore())
-    port = await server.start()
     # The torture messages name hosts all over the Internet: whatever the proxy forwards
     # goes to a local sink instead, so that no test ever sends beyond this machine.
     loop = asyncio.get_running_loop()
     sink, _ = await loop.create_datagram_endpoint(_Sink, local_addr=(HOST, 0))
     sink_flow = Flow("udp", HOST, sink.get_extra_info("sockname")[1])
 
-    async def resolve(uri: SipUri) -> Flow:
-        return sink_flow
+    class SinkResolver(Resolver):
+        async def resolve(self, uri: SipUri) -> Flow:
+            return sink_flow
 
-    server.proxy.resolve = resolve  # type: ignore[method-assign]
-    yield server, port
-    await server.close()
+    site = await build_site(config, clock=clock, make_resolver=SinkResolver)
+    await site.start()
+    yield site, site.sip_port
+    await site.close()
     sink.close()
 
 
 async def test_options_to_the_server_gets_200_with_received_and_rport(
     net: Net,
-    sip_server: tuple[SipServer, int],
+    sip_server: tuple[Site, int],
 ) -> None:
     _, port = sip_server
     peer = await net.udp()
@@ -470,7 +487,7 @@ async def test_options_to_the_server_gets_200_with_received_and_rport(
 
 async def test_rport_response_goes_to_the_source_port_not_sent_by(
     net: Net,
-    sip_server: tuple[SipServer, int],
+    sip_server: tuple[Site, int],
 ) -> None:
     # Without rport the response would go to 127.0.0.1:9 (the Via port): we only get it
     # because the server honours rport.
@@ -486,7 +503,7 @@ async def test_rport_response_goes_to_the_source_port_not_sent_by(
 
 async def test_options_over_tcp_is_answered_on_the_same_connection(
     net: Net,
-    sip_server: tuple[SipServer, int],
+    sip_server: tuple[Site, int],
 ) -> None:
     _, port = sip_server
     reader, writer = await net.tcp(port)
@@ -499,7 +516,7 @@ async def test_options_over_tcp_is_answered_on_the_same_connection(
 
 async def test_malformed_request_gets_400_and_the_server_keeps_serving(
     net: Net,
-    sip_server: tuple[SipServer, int],
+    sip_server: tuple[Site, int],
 ) -> None:
     _, port = sip_server
     peer = await net.udp()
@@ -528,11 +545,11 @@ def register(port: int, contact: str, *, cseq: int, expires: str | None = "3600"
 
 
 async def test_register_through_the_server_with_a_manual_clock(
-    net: Net, sip_server: tuple[SipServer, int]
+    net: Net, sip_server: tuple[Site, int], clock: Clock
 ) -> None:
     server, port = sip_server
     now = [1000.0]
-    server.clock = lambda: now[0]
+    clock.fixed = now[0]
     peer = await net.udp()
     contact = "<sip:alice@10.0.0.1:5060>"
 
@@ -548,6 +565,7 @@ async def test_register_through_the_server_with_a_manual_clock(
     assert b.source == f"udp:{HOST}:{peer.port}"  # the flow it really came from
 
     now[0] += 600  # a query ten minutes later
+    clock.fixed = now[0]
     ok = await send(register(port, "", cseq=2, expires=None))
     assert ok.headers.values("Contact") == ["<sip:alice@10.0.0.1:5060>;expires=3000"]
 
@@ -558,6 +576,7 @@ async def test_register_through_the_server_with_a_manual_clock(
     assert stale.status == 500  # same Call-ID, CSeq not higher (§10.3 step 7)
 
     now[0] = 4600.0  # the binding has run out
+    clock.fixed = now[0]
     ok = await send(register(port, "", cseq=4, expires=None))
     assert ok.status == 200 and ok.headers.values("Contact") == []
 
@@ -580,7 +599,7 @@ def _mutations(corpus: list[bytes], rnd: random.Random, count: int) -> list[byte
 
 
 async def test_server_survives_the_rfc4475_corpus_and_random_bytes(
-    net: Net, sip_server: tuple[SipServer, int], caplog: pytest.LogCaptureFixture
+    net: Net, sip_server: tuple[Site, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     server, port = sip_server
     corpus = [p.read_bytes() for p in sorted(CORPUS.glob("*.dat"))]
@@ -610,11 +629,11 @@ async def test_server_survives_the_rfc4475_corpus_and_random_bytes(
     # Nothing reached the catch-all handlers: every bad input was a ParseError/SipError.
     crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert crashes == [], [r.getMessage() for r in crashes[:5]]
-    assert server.stats is not None
+    assert server.counters is not None
 
 
 async def test_retransmitted_register_gets_the_same_final_response(
-    net: Net, sip_server: tuple[SipServer, int]
+    net: Net, sip_server: tuple[Site, int]
 ) -> None:
     # §17.2.2: a retransmission of a completed non-INVITE request is answered from the
     # transaction, not processed again (which would refuse it: same Call-ID and CSeq).
@@ -628,11 +647,11 @@ async def test_retransmitted_register_gets_the_same_final_response(
     assert (first.status, again.status) == (200, 200)
     assert again.to.tag == first.to.tag
     assert bytes(again.to_bytes()) == bytes(first.to_bytes())
-    assert server.stats.snapshot().get("registers_ok") == 1
+    assert server.counters.registers_ok == 1
 
 
 async def test_response_after_the_tcp_connection_closed_goes_to_the_sent_by_port(
-    net: Net, sip_server: tuple[SipServer, int]
+    net: Net, sip_server: tuple[Site, int]
 ) -> None:
     # RFC 3261 §18.2.2: the caller's connection is gone when the callee answers, so the
     # proxy connects to the Via's received address and sent-by port, where the caller

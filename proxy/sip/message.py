@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import MessageTooLarge, ParseError, VersionNotSupported
+from .errors import MessageTooLarge, ParseError, SipError, VersionNotSupported
 from .grammar import TOKEN_CHARS, WS, first_element, is_token
 from .headers import (
     SINGLE_VALUED,
@@ -464,3 +464,10 @@ def make_response(
     for name, value in extra or ():
         headers.add(name, value)
     return Response(status, reason or REASONS.get(status, "Unknown"), headers, body)
+
+
+def error_response(
+    req: Request | PartialMessage, exc: SipError, *, to_tag: str | None = None
+) -> Response:
+    """The response an error of the SIP family asks for: its status, reason and headers."""
+    return make_response(req, exc.status_code, exc.reason, to_tag=to_tag, extra=list(exc.headers))

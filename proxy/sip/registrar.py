@@ -11,11 +11,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from dht_adaptor.location import Binding
-
-from .errors import ParseError
+from .binding import Binding
+from .errors import Forbidden, IntervalTooBrief, NotFound, ParseError, SipError
 from .headers import NameAddr, parse_delta_seconds, parse_name_addr
-from .message import Request, Response, make_response
+from .message import Request, Response, error_response, make_response
 from .uri import SipUri, aor_of
 
 
@@ -39,16 +38,6 @@ class RegisterOutcome:
         return self.bindings is not None
 
 
-class RegisterRejected(Exception):
-    """A REGISTER that fails with a specific status (423 carries Min-Expires)."""
-
-    def __init__(self, status: int, reason: str, extra: Sequence[tuple[str, str]] = ()) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.extra = list(extra)
-
-
 def serves(config: RegistrarConfig, host: str) -> bool:
     return not config.domains or host.lower() in config.domains
 
@@ -62,12 +51,12 @@ def register_aor(req: Request, config: RegistrarConfig, *, addressed_to_me: bool
     """
     ruri = req.ruri
     if not isinstance(ruri, SipUri) or not (addressed_to_me or serves(config, ruri.host)):
-        raise RegisterRejected(403, "Domain Not Served")
+        raise Forbidden(reason="Domain Not Served")
     to_uri = req.to.uri
     if not isinstance(to_uri, SipUri) or to_uri.user is None:
-        raise RegisterRejected(404, "Not Found")
+        raise NotFound("the To header names no user")
     if not serves(config, to_uri.host):
-        raise RegisterRejected(404, "Not Found")
+        raise NotFound("the To domain is not served here")
     return aor_of(to_uri)
 
 
@@ -108,12 +97,12 @@ def _q_of(contact: NameAddr) -> float:
     return float(raw)
 
 
-def _out_of_order() -> RegisterRejected:
+def _out_of_order() -> SipError:
     # §10.3 steps 6 and 7: an update with a CSeq not higher than the binding's, in the
     # same Call-ID, "MUST be aborted and the request fails". The RFC names no code; like
     # an out-of-order request in a dialog (§12.2.2) it gets 500. A 400 would tell the
     # phone its well-formed request was malformed.
-    return RegisterRejected(500, "CSeq Out Of Order")
+    return SipError(status_code=500, reason="CSeq Out Of Order")
 
 
 def _reg_id(contact: NameAddr) -> int | None:
@@ -155,14 +144,12 @@ def process_register(
     try:
         aor = register_aor(req, config, addressed_to_me=addressed_to_me)
         bindings = _apply(req, aor, list(current), now, config, source)
-    except RegisterRejected as exc:
-        return RegisterOutcome(
-            make_response(req, exc.status, exc.reason, to_tag=to_tag, extra=exc.extra)
-        )
     except ParseError as exc:
         return RegisterOutcome(
             make_response(req, 400, str(exc)[:60] or "Bad Request", to_tag=to_tag)
         )
+    except SipError as exc:
+        return RegisterOutcome(error_response(req, exc, to_tag=to_tag))
     if bindings is None:
         return RegisterOutcome(ok_response(req, current, now, to_tag), aor, None)
     return RegisterOutcome(ok_response(req, bindings, now, to_tag), aor, tuple(bindings))
@@ -199,9 +186,7 @@ def _apply(
         expires = _expires_of(contact, header_expires, config)
         if 0 < expires < config.min_expires:
             # §10.3 step 7: too brief; tell the phone the minimum.
-            raise RegisterRejected(
-                423, "Interval Too Brief", [("Min-Expires", str(config.min_expires))]
-            )
+            raise IntervalTooBrief(config.min_expires)
         updates.append((contact, expires))
 
     by_key = {contact_key(b.contact): b for b in bindings}
@@ -240,13 +225,12 @@ def _apply(
         by_key[key] = new
         changed = True
     if len(by_key) > config.max_contacts:
-        raise RegisterRejected(403, "Too Many Contacts")
+        raise Forbidden(reason="Too Many Contacts")
     return list(by_key.values()) if changed else None
 
 
 __all__ = [
     "RegisterOutcome",
-    "RegisterRejected",
     "RegistrarConfig",
     "contact_key",
     "ok_response",

@@ -1,6 +1,7 @@
 """A real site in the test's event loop (SIP server on port 0, location store, users, a
-DHT node joined to a second node, the adaptor), wired as ``proxy.app.run_site`` wires
-it, with the admin app in front of it and an httpx client talking to the app."""
+DHT node joined to a second node, the adaptor), built by ``proxy.site.build_site`` as
+``p2psip run`` builds it, with the admin app in front of it and an httpx client talking
+to the app."""
 
 from __future__ import annotations
 
@@ -17,16 +18,15 @@ import pytest
 from fastapi import FastAPI
 
 from admin_api.app import create_app
-from admin_api.site_services import SiteServices
 from dht_adaptor.adaptor import DhtAdaptor
 from dht_adaptor.keys import SiteKey, TrustStore
-from dht_adaptor.location import LocationStore, MemoryStore
 from dht_adaptor.node import DhtNode
 from dht_adaptor.record_store import MemoryRecordStore
-from proxy.app import build_auth, home_uri, open_dht, site_stats
+from proxy.admin_services import SiteServices
+from proxy.auth_gate import AuthGate
 from proxy.config import Config, HostPort
-from proxy.dht_routing import DhtRouter
-from proxy.server import SipServer
+from proxy.site import Site, build_site
+from proxy.stats import SipCounters
 from proxy.user_store import UserStore
 
 from .sip_ua import DOMAIN, HOST, UdpUa
@@ -37,17 +37,43 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @dataclass
 class LiveSite:
-    config: Config
-    server: SipServer
-    sip_port: int
-    users: UserStore
-    node: DhtNode
-    adaptor: DhtAdaptor
-    services: SiteServices
-    app: FastAPI
+    site: Site
     client: httpx.AsyncClient
+    app: FastAPI
     peer: DhtNode | None = None
     uas: list[UdpUa] = field(default_factory=list)
+
+    @property
+    def config(self) -> Config:
+        return self.site.config
+
+    @property
+    def sip_port(self) -> int:
+        return self.site.sip_port
+
+    @property
+    def users(self) -> UserStore:
+        return self.site.users
+
+    @property
+    def auth(self) -> AuthGate:
+        return self.site.auth
+
+    @property
+    def counters(self) -> SipCounters:
+        return self.site.counters
+
+    @property
+    def node(self) -> DhtNode:
+        return self.site.node
+
+    @property
+    def adaptor(self) -> DhtAdaptor:
+        return self.site.adaptor
+
+    @property
+    def services(self) -> SiteServices:
+        return self.site.services
 
     async def ua(self) -> UdpUa:
         ua = await UdpUa.open(self.sip_port)
@@ -65,62 +91,50 @@ async def live_site(
     require_peers: bool = True,
     peer_trusts: tuple[SiteKey, ...] = (),
 ) -> AsyncIterator[LiveSite]:
+    """A site built by ``proxy.site.build_site``, as ``p2psip run`` builds it, whose DHT
+    node is joined to one peer node (or, without ``with_peer``, to none: a bootstrap
+    address nobody answers at, or no bootstrap at all without ``require_peers``)."""
+    peer = None
+    bootstrap: tuple[HostPort, ...] = ()
+    if with_peer:
+        # A second node that trusts this site (and maybe others): the site's one peer.
+        key = SiteKey.load_or_create(tmp_path / "data")
+        trust = TrustStore({k.key_id: k.public_bytes for k in (key, *peer_trusts)})
+        peer = DhtNode(MemoryRecordStore(trust), trust, rpc_timeout=1.0)
+        bootstrap = (HostPort(HOST, await peer.listen(HOST, 0)),)
+    elif require_peers:
+        bootstrap = (HostPort(HOST, 9),)  # discard: never asked, the site stays alone
     config = Config(
         domains=(DOMAIN,),
         sip_listen=HostPort(HOST, 0),
         dht_listen=HostPort(HOST, 0),
+        bootstrap=bootstrap,
         data_dir=tmp_path / "data",
         redis_url=redis_url,
         users_file=users_file,
+        site_id="paris",
+        admin_token=TOKEN,
         dht_rpc_timeout=1.0,  # generous: a busy CI machine must not time out on loopback
         dht_lookup_timeout=2.0,
     )
-    store: LocationStore
-    redis_ping = None
-    if redis_url:
-        from dht_adaptor.redis_store import RedisStore
-
-        redis_store = RedisStore(redis_url)
-        store, redis_ping = redis_store, redis_store.ping
-    else:
-        store = MemoryStore()
-    server = SipServer(config, store)
-    users = await build_auth(config, server)
-    sip_port = await server.start()
-    node, key = await open_dht(config)
-    peer = None
-    if with_peer:
-        # A second node that trusts this site (and maybe others): the site's one peer.
-        trust = TrustStore({k.key_id: k.public_bytes for k in (key, *peer_trusts)})
-        peer = DhtNode(MemoryRecordStore(trust), trust, rpc_timeout=1.0)
-        peer_port = await peer.listen(HOST, 0)
-        assert await node.bootstrap([(HOST, peer_port)]) == 1
-    adaptor = DhtAdaptor(node, key, site_id="paris", home=home_uri(server), retry_delays=(0.1,))
-    server.registrar.attach_dht(adaptor)
-    server.proxy.dht = DhtRouter(server.proxy, adaptor, adaptor.home, lookup_timeout=2.0)
-    adaptor.start()
-    services = SiteServices(
-        server, users, adaptor, node, functools.partial(site_stats, server, adaptor, node),
-        TOKEN, require_peers=require_peers, redis_ping=redis_ping, lookup_timeout=2.0,
-    )  # fmt: skip
-    app = create_app(services)
+    site = await build_site(config, dht_retry_delays=(0.1,))
+    if peer is not None:
+        assert await site.node.bootstrap([(HOST, bootstrap[0].port)]) == 1
+    await site.start()
+    app = create_app(site.services)
     client = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://admin", headers=AUTH
     )
-    site = LiveSite(config, server, sip_port, users, node, adaptor, services, app, client, peer)
+    live = LiveSite(site, client, app, peer)
     try:
-        yield site
+        yield live
     finally:
         await client.aclose()
-        for ua in site.uas:
+        for ua in live.uas:
             ua.close()
-        await server.close()
-        await adaptor.close()
-        await node.close()
+        await site.close()
         if peer is not None:
             await peer.close()
-        await users.close()
-        await store.close()
 
 
 SiteFactory = Callable[..., AbstractAsyncContextManager[LiveSite]]

@@ -14,8 +14,8 @@ import pytest
 
 from admin_api.app import create_app
 from admin_api.server import AdminServer
-from proxy.app import StartupError, admin_token
 from proxy.config import Config
+from proxy.site import StartupError, admin_token
 from tests.support.site import ROOT, free_port
 
 from .conftest import AUTH, LiveSite

@@ -72,7 +72,7 @@ async def test_metrics_prometheus_text(site: LiveSite) -> None:
 
 async def test_made_up_methods_share_one_label(site: LiveSite) -> None:
     for n in range(3):
-        site.server.stats.request(f"X-NONSENSE-{n}")
+        site.counters.request(f"X-NONSENSE-{n}")
     got = samples((await site.client.get("/metrics")).text)
     assert got[("p2psip_sip_requests_received_total", (("method", "other"),))] == 3
 

@@ -40,7 +40,7 @@ async def any_site(request: pytest.FixtureRequest, make_site: MakeSite) -> Async
 async def test_first_user_switches_authentication_on(any_site: LiveSite) -> None:
     site = any_site
     ua = await site.ua()
-    assert site.server.proxy.auth is None
+    assert not site.auth.enabled
     assert await ua.register("walkin") == 200  # no users: registration is open
 
     r = await site.client.post("/users", json={"username": "alice", "password": "wonderland"})
@@ -137,7 +137,7 @@ async def test_users_file_holds_only_ha1s(make_site: MakeSite, tmp_path: Path) -
     users = tmp_path / "users.toml"
     users.write_text('[users."alice"]\npassword = "wonderland"\n')
     async with make_site(users_file=users) as site:
-        assert site.server.proxy.auth is not None  # a users file: on from the start
+        assert site.auth.enabled  # a users file: on from the start
         r = await site.client.put("/users/bob", json={"password": "builder"})
         assert r.status_code == 201
         ua = await site.ua()
@@ -161,7 +161,7 @@ async def test_users_created_without_a_file_persist_in_the_data_dir(
         await site.client.post("/users", json={"username": "alice", "password": "x"})
     assert (tmp_path / "data" / "users.toml").exists()
     async with make_site() as site:
-        assert site.server.proxy.auth is not None
+        assert site.auth.enabled
         assert site.users.usernames() == ["alice"]
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from dht_adaptor.adaptor import DhtAdaptor, TooManyBindings
 from dht_adaptor.keys import SiteKey, TrustStore
-from dht_adaptor.location import Binding
 from dht_adaptor.node import DhtUnavailable
 from dht_adaptor.record import DhtBinding, encode_record, merge
+from proxy.sip.binding import Binding
 
 AOR = "sip:alice@example.com"
 
@@ -157,8 +157,8 @@ async def test_failed_put_is_retried_not_lost(overlay, key, clock) -> None:
     adaptor.publish(adaptor.prepare(AOR, [binding("sip:a@h", clock.now + 3600)]))
     assert adaptor.backlog == 1
     assert await adaptor.flush(timeout=5)
-    assert adaptor.stats["dht_puts_failed"] == 3
-    assert adaptor.stats["dht_puts_ok"] == 1
+    assert adaptor.stats.puts_failed == 3
+    assert adaptor.stats.puts_ok == 1
     assert [b.contact for b in await adaptor.lookup(AOR)] == ["sip:a@h"]
     await adaptor.close()
 
@@ -215,5 +215,5 @@ async def test_an_unexpected_error_does_not_stop_the_writer(overlay, key, clock)
         Binding(aor="sip:bob@example.com", contact="sip:b@h", expires_at=clock.now + 60)
     ]))  # fmt: skip
     assert await adaptor.flush(timeout=5)
-    assert adaptor.stats["dht_puts_failed"] == 1 and adaptor.stats["dht_puts_ok"] == 2
+    assert adaptor.stats.puts_failed == 1 and adaptor.stats.puts_ok == 2
     await adaptor.close()

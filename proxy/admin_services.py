@@ -1,18 +1,18 @@
 """:class:`SiteServices`: the admin API's :class:`~admin_api.services.AdminServices` over
-a running site (its SIP server, location store, users, DHT adaptor and node)."""
+a running site (its location store, registrar, users, DHT adaptor and node).
+
+The admin API defines the interface; this implementation lives beside the proxy, so that
+``admin_api`` imports nothing of the site.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from dht_adaptor.location import LocationError
-from proxy.sip.auth import UserRecord
-
-from .services import (
+from admin_api.services import (
     Check,
     DhtInfo,
     DhtView,
@@ -27,53 +27,52 @@ from .services import (
     Unavailable,
     UserChange,
 )
+from dht_adaptor.adaptor import DhtAdaptor
+from dht_adaptor.errors import DhtError
+from dht_adaptor.node import DhtNode
+from dht_adaptor.record_store import RecordStoreError
 
-if TYPE_CHECKING:
-    from dht_adaptor.adaptor import DhtAdaptor
-    from dht_adaptor.node import DhtNode
-    from proxy.server import SipServer
-    from proxy.user_store import UserStore
+from .location import LocationError, LocationStore, LocationUnavailable
+from .lookup import LookupError_, normalize_aor
+from .registrar_service import RegistrarService
+from .sip.auth import UserRecord
+from .user_store import UserStore, UserStoreError
 
 MAX_AOR_CHARS = 512
 
 
 @dataclass(eq=False)
 class SiteServices:
-    server: SipServer
+    sip_address: Callable[[], tuple[str, int]]  # where SIP listens (port 0: not yet)
+    store: LocationStore
+    registrar: RegistrarService
     users_store: UserStore
     adaptor: DhtAdaptor
     node: DhtNode
-    snapshot: Callable[[], Mapping[str, float]]  # proxy.app.site_stats of this site
+    snapshot: Callable[[], Mapping[str, float]]  # proxy.site.Site.stats
+    transactions: Callable[[], tuple[int, int]]  # (server, client) transactions live
     token: str
+    clock: Callable[[], float] = time.time
     require_peers: bool = True  # False for a site that starts the overlay (no --bootstrap)
     redis_ping: Callable[[], Awaitable[object]] | None = None
-    lookup_timeout: float = 3.0
-    _watchers: list[LatencyObserver] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.adaptor.latency_observer = self._observe
 
     @property
     def realm(self) -> str:
         return self.users_store.realm
 
     def now(self) -> float:
-        return self.server.clock()
-
-    def _observe(self, op: str, seconds: float, ok: bool) -> None:
-        for watcher in self._watchers:
-            watcher(op, seconds, ok)
+        return self.clock()
 
     def watch_dht_latency(self, observer: LatencyObserver) -> None:
-        self._watchers.append(observer)
+        self.adaptor.watch_latency(observer)
 
     # --- health -----------------------------------------------------------------------
 
     async def readiness(self) -> Sequence[Check]:
-        transport = self.server.transport
+        host, port = self.sip_address()
         checks = [
-            Check("sip", True, f"listening on {transport.host}:{transport.port}")
-            if transport.port
+            Check("sip", True, f"listening on {host}:{port}")
+            if port
             else Check("sip", False, "not listening")
         ]
         peers = len(self.node.peers())
@@ -94,8 +93,6 @@ class SiteServices:
     # --- registrations ----------------------------------------------------------------
 
     def normalize_aor(self, text: str) -> str:
-        from proxy.lookup import LookupError_, normalize_aor
-
         if not text.strip() or len(text) > MAX_AOR_CHARS:
             raise InvalidInput(f"not an address of record: {text[:80]!r}")
         try:
@@ -104,8 +101,8 @@ class SiteServices:
             raise InvalidInput(str(exc)) from None
 
     async def registrations(self, prefix: str, after: str | None, limit: int) -> RegistrationPage:
-        store = self.server.store
-        now = self.server.clock()
+        store = self.store
+        now = self.clock()
         try:
             candidates = sorted(
                 {
@@ -128,23 +125,21 @@ class SiteServices:
 
     async def registration(self, aor: str) -> Registration:
         try:
-            bindings = await self.server.store.load(aor, self.server.clock())
+            bindings = await self.store.load(aor, self.clock())
         except LocationError as exc:
             raise Unavailable(f"location store: {exc}") from None
         return Registration(aor, tuple(bindings))
 
     async def dht_view(self, aor: str) -> DhtView:
-        from dht_adaptor.node import DhtError
-
         try:
-            found = await asyncio.wait_for(self.adaptor.lookup(aor), self.lookup_timeout)
-        except (DhtError, TimeoutError) as exc:
-            return DhtView(error=f"DHT lookup failed: {exc or 'timed out'}")
+            found = await self.adaptor.lookup(aor)
+        except LocationUnavailable as exc:
+            return DhtView(error=str(exc))
         return DhtView(found)
 
     async def remove_registration(self, aor: str, contact: str | None = None) -> int:
         try:
-            removed = await self.server.registrar.remove(aor, contact)
+            removed = await self.registrar.remove(aor, contact)
         except LocationError as exc:
             raise Unavailable(f"location store: {exc}") from None
         if not removed:
@@ -161,8 +156,6 @@ class SiteServices:
         return self.users_store.get(username)
 
     async def save_user(self, change: UserChange) -> tuple[UserRecord, bool]:
-        from proxy.user_store import UserStoreError
-
         if change.password is not None:
             record = UserRecord.from_password(change.username, self.realm, change.password)
         else:
@@ -180,8 +173,6 @@ class SiteServices:
         return record, created
 
     async def delete_user(self, username: str) -> bool:
-        from proxy.user_store import UserStoreError
-
         try:
             return await self.users_store.delete(username)
         except UserStoreError as exc:
@@ -190,9 +181,6 @@ class SiteServices:
     # --- the DHT ----------------------------------------------------------------------
 
     async def dht_info(self) -> DhtInfo:
-        from dht_adaptor.node import DhtError
-        from dht_adaptor.record_store import RecordStoreError
-
         try:
             host, port = self.node.address
             stored = await self.node.stored_count()
@@ -210,14 +198,12 @@ class SiteServices:
         )
 
     async def dht_lookup(self, aor: str) -> Lookup:
-        from dht_adaptor.node import DhtError
-
         rejected_before = self.node.stats()["rejected_on_get"]
         started = time.perf_counter()
         try:
-            found = await asyncio.wait_for(self.adaptor.lookup(aor), self.lookup_timeout)
-        except (DhtError, TimeoutError) as exc:
-            raise Unavailable(f"DHT lookup of {aor} failed: {exc or 'timed out'}") from None
+            found = await self.adaptor.lookup(aor)
+        except LocationUnavailable as exc:
+            raise Unavailable(str(exc)) from None
         seconds = time.perf_counter() - started
         rejected = int(self.node.stats()["rejected_on_get"] - rejected_before)
         return Lookup(aor, seconds, found, max(0, rejected))
@@ -227,6 +213,7 @@ class SiteServices:
     async def stats(self) -> SiteStats:
         snap = dict(self.snapshot())
         aors, bindings = await self._count_registrations()
+        server_txs, client_txs = self.transactions()
 
         def n(key: str) -> int:
             return int(snap.get(key, 0))
@@ -235,8 +222,8 @@ class SiteServices:
             requests=_by_suffix(snap, "requests_received."),
             responses_received=_by_suffix(snap, "responses_received."),
             responses_sent=_by_suffix(snap, "responses_sent."),
-            server_transactions=len(self.server.server_txs),
-            client_transactions=len(self.server.client_txs),
+            server_transactions=server_txs,
+            client_transactions=client_txs,
             registered_aors=aors,
             registered_bindings=bindings,
             users=len(self.users_store),
@@ -265,8 +252,8 @@ class SiteServices:
 
     async def _count_registrations(self) -> tuple[int | None, int | None]:
         """AORs with live bindings and their bindings; None if the store cannot say."""
-        store = self.server.store
-        now = self.server.clock()
+        store = self.store
+        now = self.clock()
         aors = bindings = 0
         try:
             async for aor in store.aors():

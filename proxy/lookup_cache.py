@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .record import DhtBinding
+from .location import HomeBinding
 
 
 class LookupCache:
@@ -17,9 +17,9 @@ class LookupCache:
         self.max_entries = max_entries
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[str, tuple[float, tuple[DhtBinding, ...]]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, tuple[HomeBinding, ...]]] = OrderedDict()
 
-    def get(self, aor: str, now: float) -> tuple[DhtBinding, ...] | None:
+    def get(self, aor: str, now: float) -> tuple[HomeBinding, ...] | None:
         """The cached live bindings of ``aor``, or None (a miss) when there are none."""
         entry = self._entries.get(aor)
         if entry is not None:
@@ -32,7 +32,7 @@ class LookupCache:
         self.misses += 1
         return None
 
-    def put(self, aor: str, bindings: tuple[DhtBinding, ...], now: float) -> None:
+    def put(self, aor: str, bindings: tuple[HomeBinding, ...], now: float) -> None:
         if not bindings or self.ttl <= 0:
             return  # "not found" is not cached: the user may register any moment
         self._entries[aor] = (now, bindings)

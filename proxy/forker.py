@@ -1,0 +1,160 @@
+"""Runs forks (``proxy.sip.fork``) on the event loop: one client transaction per
+branch, Timer C on ``loop.call_at``, responses handed to the server transaction.
+
+The fork decides (RFC 3261 §16.7-§16.10); this adapter only carries out its outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .sip import fork as f
+from .sip.forwarding import DIALOG_CREATING, ProxyIdentity, forward_copy, make_branch
+from .sip.message import Request, Response
+from .transactions import ServerTx, Transactions
+from .transport import Flow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Target:
+    """One place a proxied request goes."""
+
+    uri: str | None  # new Request-URI, or None to keep it
+    flow: Flow
+    path: tuple[str, ...] = ()  # RFC 3327 Path of the binding: Route headers to add
+
+
+class ForkRunner:
+    def __init__(
+        self,
+        transactions: Transactions,
+        stx: ServerTx,
+        fork: f.Fork,
+        flows: Sequence[Flow],
+        *,
+        on_stale: Callable[[int], None] | None = None,
+        on_hold: Callable[[ForkRunner], None] | None = None,
+    ) -> None:
+        self.stx = stx
+        self.fork = fork
+        self.flows = tuple(flows)
+        self._transactions = transactions
+        self._on_stale = on_stale
+        self._on_hold = on_hold
+        self._timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def start(self) -> None:
+        self.stx.on_cancel = self.cancel
+        self._apply(self.fork.start(self._now()))
+
+    def cancel(self) -> None:
+        self._apply(self.fork.cancel(self._now()))
+
+    def release(self) -> None:
+        """Send the held final response upstream (a retry found nothing better)."""
+        self._apply(self.fork.release())
+
+    @property
+    def tried(self) -> frozenset[Flow]:
+        return frozenset(self.flows)
+
+    def _response(self, index: int, resp: Response) -> None:
+        self._apply(self.fork.receive_response(index, resp, self._now()))
+
+    def _timeout(self, index: int) -> None:
+        self._apply(self.fork.branch_timeout(index, self._now()))
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._apply(self.fork.handle_timer(self._now()))
+
+    def _apply(self, outputs: list[f.ForkOutput]) -> None:
+        for out in outputs:
+            if isinstance(out, f.StartBranch):
+                self._transactions.start_client(
+                    out.request, self.flows[out.index],
+                    on_response=functools.partial(self._response, out.index),
+                    on_timeout=functools.partial(self._timeout, out.index),
+                )  # fmt: skip
+            elif isinstance(out, f.SendUpstream):
+                self._transactions.respond(self.stx, out.response)
+            elif isinstance(out, f.CancelBranch):
+                self._transactions.start_client(
+                    out.request, self.flows[out.index], _ignore_response, _ignore_timeout
+                )
+            elif isinstance(out, f.StaleTarget):
+                if self._on_stale is not None:
+                    self._on_stale(out.index)
+            elif isinstance(out, f.HoldFinal):
+                if self._on_hold is not None:
+                    self._on_hold(self)
+                else:
+                    self.release()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.fork.get_timer()
+        if when is not None:
+            self._timer = asyncio.get_running_loop().call_at(when, self._fire)
+
+
+def _ignore_response(resp: Response) -> None:
+    pass
+
+
+def _ignore_timeout() -> None:
+    pass
+
+
+class Forker:
+    """Starts forks: builds each branch's request (§16.6) and runs the fork."""
+
+    def __init__(
+        self, transactions: Transactions, identity: ProxyIdentity, *, timer_c: float
+    ) -> None:
+        self._transactions = transactions
+        self._me = identity
+        self._timer_c = timer_c
+
+    def start(
+        self,
+        stx: ServerTx,
+        req: Request,
+        loop_hash: str,
+        targets: Sequence[Target],
+        *,
+        retry_stale: bool = False,
+        on_stale: Callable[[int], None] | None = None,
+        on_hold: Callable[[ForkRunner], None] | None = None,
+    ) -> ForkRunner:
+        rr = req.method in DIALOG_CREATING and req.to.tag is None
+        branches = [
+            forward_copy(
+                req, t.uri, self._me,
+                branch=make_branch(loop_hash, secrets.token_hex(6)),
+                out_transport=t.flow.transport, in_transport=stx.flow.transport,
+                record_route=rr, path=t.path,
+            )
+            for t in targets
+        ]  # fmt: skip
+        fork = f.Fork(req, branches, timer_c=self._timer_c, retry_stale=retry_stale)
+        runner = ForkRunner(
+            self._transactions, stx, fork, [t.flow for t in targets],
+            on_stale=on_stale, on_hold=on_hold,
+        )  # fmt: skip
+        runner.start()
+        return runner

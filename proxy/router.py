@@ -1,0 +1,277 @@
+"""Stateful proxying (RFC 3261 §16): where a request goes.
+
+``Router.route`` decides the targets (the Route set, this site's bindings, the home
+proxies the DHT names, or the Request-URI itself) and hands them to the forker. ACKs for
+2xx and stray responses are forwarded statelessly (§16.11).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .auth_gate import AuthGate
+from .dht_routing import DhtRoute, DhtRouter, is_relayed
+from .directory import LocalDirectory
+from .forker import Forker, ForkRunner, Target
+from .resolver import Resolver, is_ip
+from .sip.errors import NotFound, SipError, TemporarilyUnavailable
+from .sip.forwarding import (
+    ProxyIdentity,
+    check_loop,
+    check_routable,
+    forward_copy,
+    loop_hash,
+    make_branch,
+    next_hop_uri,
+    preprocess_routes,
+)
+from .sip.headers import parse_name_addr
+from .sip.message import Request, Response, make_response
+from .sip.registrar import contact_key
+from .sip.uri import SipUri, TelUri, aor_of
+from .stats import SipCounters
+from .transactions import ServerTx, Transactions
+from .transport import Flow
+
+log = logging.getLogger(__name__)
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, PRACK, UPDATE, INFO, MESSAGE, SUBSCRIBE, NOTIFY, REFER"  # noqa: E501
+# Out-of-dialog requests from a local user that need credentials before we forward them.
+AUTHENTICATED_METHODS = frozenset({"INVITE", "MESSAGE", "SUBSCRIBE", "REFER"})
+
+Send = Callable[[Flow, bytes], None]
+Spawn = Callable[[Coroutine[Any, Any, None]], object]
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        identity: ProxyIdentity,
+        transactions: Transactions,
+        directory: LocalDirectory,
+        auth: AuthGate,
+        resolver: Resolver,
+        forker: Forker,
+        counters: SipCounters,
+        send: Send,
+        spawn: Spawn,
+        dht: DhtRouter | None = None,
+    ) -> None:
+        self.me = identity
+        self.domains = identity.domains
+        self._transactions = transactions
+        self._directory = directory
+        self._auth = auth
+        self._resolver = resolver
+        self._forker = forker
+        self._counters = counters
+        self._send = send
+        self._spawn = spawn
+        self.dht = dht
+
+    # --- classification ----------------------------------------------------------------
+
+    def serves(self, uri: SipUri) -> bool:
+        host = uri.host.lower()
+        if host in self.domains or self.me.is_my_address(uri):
+            return True
+        return not self.domains and not is_ip(host)
+
+    def is_for_me(self, req: Request) -> bool:
+        """A request to the proxy itself (OPTIONS pings), not to a user."""
+        ruri = req.ruri
+        if not isinstance(ruri, SipUri) or ruri.user is not None:
+            return False
+        if not (self.me.is_my_address(ruri) or ruri.host.lower() in self.domains):
+            return False
+        return all(self._route_is_me(r) for r in req.headers.values("Route"))
+
+    def _route_is_me(self, value: str) -> bool:
+        uri = parse_name_addr(value).uri
+        return isinstance(uri, SipUri) and self.me.is_my_address(uri)
+
+    def answer_locally(self, stx: ServerTx) -> None:
+        req = stx.request
+        if req.method == "OPTIONS":
+            extra = [("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", "path")]
+            resp = make_response(req, 200, to_tag=stx.to_tag, extra=extra)
+        else:
+            resp = make_response(
+                req, 405, to_tag=stx.to_tag, extra=[("Allow", "OPTIONS, REGISTER")]
+            )
+        self._transactions.respond(stx, resp)
+
+    # --- routing -----------------------------------------------------------------------
+
+    async def route(self, stx: ServerTx) -> None:
+        """Proxy a request. Raises SipError (the caller answers it)."""
+        req = stx.request
+        check_routable(req)
+        h = loop_hash(req)
+        check_loop(req, self.me, h)
+        preprocess_routes(req, self.me)
+        in_dialog = req.to.tag is not None
+        relayed = is_relayed(req.ruri)
+        # A request relayed by another site's proxy was authenticated there; it can only
+        # reach local bindings here (never the DHT), like any call from outside.
+        if (
+            self._auth.enabled
+            and not in_dialog
+            and not relayed
+            and req.method in AUTHENTICATED_METHODS
+            and self._from_local_user(req)
+            and self._auth.authenticate(stx, proxy=True) is None
+        ):
+            return
+        hop = next_hop_uri(req)
+        if hop is not None:
+            self._forker.start(stx, req, h, [Target(None, await self._resolver.resolve(hop))])
+            return
+        ruri = req.ruri
+        if isinstance(ruri, TelUri) and self.domains:
+            ruri = SipUri("sip", ruri.number, self.domains[0])
+        if not isinstance(ruri, SipUri):
+            raise NotFound("no route for a non-SIP Request-URI")
+        if in_dialog or not ruri.user or not self.serves(ruri):
+            self._forker.start(stx, req, h, [Target(None, await self.flow_for_uri(ruri))])
+            return
+        aor = aor_of(ruri)
+        targets = await self._local_targets(aor, stx)
+        if targets:
+            self._counters.calls_routed_local += 1
+            log.info("%s %s to %s: %d local contact(s)", req.method, req.call_id, aor,
+                     len(targets))  # fmt: skip
+            self._forker.start(stx, req, h, targets)
+            return
+        if self.dht is not None and not relayed:
+            # Local bindings win; with none, the DHT may know the user's home proxies.
+            found = await self.dht.route(aor, ruri)
+            dht_targets = await self._dht_targets(found) if found is not None else []
+            if found is not None and dht_targets:
+                self._counters.calls_routed_dht += 1
+                log.info("%s %s to %s: through the DHT to %s%s", req.method, req.call_id,
+                         aor, ", ".join(str(t.flow) for t in dht_targets),
+                         " (cached)" if found.from_cache else "")  # fmt: skip
+                self._fork_dht(stx, h, found, dht_targets)
+                return
+        if self._directory.is_known(aor):
+            raise TemporarilyUnavailable(f"{aor} has no live binding")
+        raise NotFound(f"{aor} is not registered")
+
+    async def _local_targets(self, aor: str, stx: ServerTx) -> list[Target]:
+        bindings = await self._directory.lookup(aor)
+        targets = []
+        for b in sorted(bindings, key=lambda b: -b.q):
+            try:
+                flow = await self._resolver.flow_for_contact(b.contact, b.source)
+            except SipError as exc:
+                log.info("skipping binding %s of %s: %s", b.contact, aor, exc)
+                continue
+            targets.append(Target(b.contact, flow, b.path))
+        if bindings and not targets:
+            raise TemporarilyUnavailable(f"no binding of {aor} can be reached")
+        return targets
+
+    async def _dht_targets(self, found: DhtRoute) -> list[Target]:
+        targets = []
+        for home in found.homes:
+            try:
+                targets.append(Target(found.ruri, await self._resolver.resolve(home)))
+            except SipError as exc:
+                log.info("skipping home proxy %s of %s: %s", home, found.aor, exc)
+        return targets
+
+    def _fork_dht(self, stx: ServerTx, h: str, found: DhtRoute, targets: list[Target]) -> None:
+        dht = self.dht
+        assert dht is not None
+
+        def on_stale(index: int) -> None:
+            dht.failed(found.aor)
+
+        def on_hold(runner: ForkRunner) -> None:
+            self._spawn(self._retry_dht(runner, h, found))
+
+        # Home proxies from the cache that fail in a stale-looking way (404, 408, 480,
+        # 503, no answer) hold the final response for one fresh lookup.
+        self._forker.start(
+            stx, stx.request, h, targets,
+            retry_stale=found.from_cache, on_stale=on_stale, on_hold=on_hold,
+        )  # fmt: skip
+
+    async def _retry_dht(self, runner: ForkRunner, h: str, old: DhtRoute) -> None:
+        """The cached home proxies of a call failed: look the AOR up afresh and try the
+        home proxies found, within the one Timer B/F the caller already waited."""
+        assert self.dht is not None
+        found = None
+        if not runner.fork.cancelled:
+            try:
+                found = await self.dht.route(old.aor, old.request_uri, fresh=True)
+            except SipError as exc:
+                log.warning("DHT lookup of %s failed: %s", old.aor, exc)
+        if found is not None and not runner.fork.cancelled:
+            targets = await self._dht_targets(found)
+            # Nothing new to try (the same home proxies failed): answer now.
+            if targets and not {t.flow for t in targets} <= runner.tried:
+                self._counters.dht_retries += 1
+                self._fork_dht(runner.stx, h, found, targets)
+                return
+        runner.release()
+
+    def _from_local_user(self, req: Request) -> bool:
+        uri = req.from_.uri
+        return isinstance(uri, SipUri) and self.serves(uri)
+
+    async def flow_for_uri(self, uri: SipUri) -> Flow:
+        source = self._directory.flow_of(str(uri)) or self._directory.flow_of(contact_key(str(uri)))
+        return await self._resolver.via_flow(source, uri)
+
+    # --- stateless parts ---------------------------------------------------------------
+
+    def forward_ack(self, req: Request, flow: Flow) -> None:
+        """An ACK for a 2xx is its own end-to-end request; forward it statelessly (§16.11)."""
+        self._spawn(self._forward_ack(req, flow))
+
+    async def _forward_ack(self, req: Request, flow: Flow) -> None:
+        try:
+            check_routable(req)
+            preprocess_routes(req, self.me)
+            hop = next_hop_uri(req)
+            ruri = req.ruri
+            if hop is not None:
+                dest = await self._resolver.resolve(hop)
+            elif isinstance(ruri, SipUri):
+                dest = await self.flow_for_uri(ruri)
+            else:
+                return
+        except SipError as exc:
+            log.debug("dropping ACK %s: %s", req.call_id, exc)
+            return
+        # Deterministic branch: a retransmitted ACK gets the same one (§16.11).
+        unique = hashlib.sha1((req.top_via.branch or req.call_id).encode()).hexdigest()[:10]
+        fwd = forward_copy(
+            req, None, self.me, branch=make_branch(loop_hash(req), unique),
+            out_transport=dest.transport, in_transport=flow.transport, record_route=False,
+        )  # fmt: skip
+        log.debug("forwarding ACK %s to %s", req.call_id, dest)
+        self._send(dest, fwd.to_bytes())
+
+    def forward_stray_response(self, resp: Response) -> None:
+        top = resp.top_via
+        if top.host.lower() != self.me.host.lower() or (top.port or 5060) != self.me.port:
+            return
+        vias = resp.vias
+        if len(vias) < 2:
+            return
+        fwd = resp.copy()
+        fwd.headers.pop_first_value("Via")
+        nxt = vias[1]
+        host = nxt.received or nxt.host
+        port = int(nxt.rport) if nxt.rport else (nxt.port or 5060)
+        self._send(Flow(nxt.transport.lower(), host, port), fwd.to_bytes())
+
+
+__all__ = ["ALLOW", "Router"]

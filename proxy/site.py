@@ -1,0 +1,346 @@
+"""One function builds a site from a :class:`Config`: :func:`build_site`.
+
+The CLI (``proxy.app``) and the tests use it alike. It opens the site's state (location
+store, users, keys), binds the SIP sockets (so that every part is built knowing the
+site's real address and port), starts the DHT node, and builds each part with the few
+things it uses, in one place, leaves first::
+
+    transport ─ transactions ─┬─ auth gate ──────────┐
+                              ├─ registrar ──────────┤
+    store ─ directory ────────┤                      ├─ server (ingress, dispatch)
+    DHT node ─ adaptor ─ DHT router ─ router ─ forker┘
+                                  └─ admin services (admin_api's interface)
+
+Nothing is attached to a part after it is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dht_adaptor.adaptor import RETRY_DELAYS, DhtAdaptor
+from dht_adaptor.keys import KeyFileError, SiteKey, TrustStore
+from dht_adaptor.location import MemoryStore
+from dht_adaptor.node import DhtNode
+from dht_adaptor.record_store import (
+    MemoryRecordStore,
+    RecordStore,
+    RecordStoreError,
+    RedisRecordStore,
+)
+from dht_adaptor.redis_store import RedisStore
+
+from .admin_services import SiteServices
+from .auth_gate import AuthGate
+from .config import Config
+from .dht_routing import DhtRouter
+from .directory import LocalDirectory
+from .forker import Forker
+from .location import LocationError, LocationStore
+from .registrar_service import RegistrarService
+from .resolver import Resolver
+from .router import Router
+from .server import SipServer
+from .sip.forwarding import ProxyIdentity
+from .sip.registrar import RegistrarConfig
+from .sip.timers import TimerConfig
+from .stats import SipCounters
+from .tasks import Tasks
+from .transactions import TransactionLayer
+from .transport import TransportLayer
+from .user_store import UserStore, UserStoreError, open_user_store
+from .users import UsersFileError
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The site cannot start; the message is one line for the operator."""
+
+
+# --- state kept in the data directory -------------------------------------------------
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def nonce_secret(data_dir: Path) -> bytes:
+    """A per-site secret for digest nonces, kept so that restarts accept fresh nonces."""
+    path = data_dir / "nonce.secret"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    secret = secrets.token_bytes(32)
+    try:
+        _write_private(path, secret.hex())
+    except OSError as exc:
+        log.warning("cannot keep the nonce secret in %s (%s); using a fresh one", path, exc)
+    return secret
+
+
+def admin_token(config: Config) -> str:
+    """``--admin-token``, or else this site's own random token, kept in
+    ``DATA_DIR/admin.token`` (mode 0600): the API is never open without one."""
+    if config.admin_token:
+        return config.admin_token
+    path = config.data_dir / "admin.token"
+    with contextlib.suppress(OSError):
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    try:
+        _write_private(path, token + "\n")
+    except OSError as exc:
+        raise StartupError(f"cannot write the admin token to {path}: {exc.strerror}") from None
+    log.info("no --admin-token: the admin API token is in %s", path)
+    return token
+
+
+# --- opening the site's stores and its DHT node ---------------------------------------
+
+
+async def _reach_redis(store: RedisStore | RedisRecordStore) -> None:
+    """Redis may still be starting (docker-compose): wait a little before giving up."""
+    for attempt in range(20):
+        try:
+            await store.ping()
+            return
+        except (LocationError, RecordStoreError) as exc:
+            if attempt == 19:
+                await store.close()
+                raise StartupError(f"cannot reach Redis: {exc}") from None
+            await asyncio.sleep(0.5)
+
+
+async def open_store(config: Config) -> LocationStore:
+    if not config.redis_url:
+        return MemoryStore()
+    try:
+        store = RedisStore(config.redis_url)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    await _reach_redis(store)
+    return store
+
+
+async def open_record_store(config: Config, trust: TrustStore) -> RecordStore:
+    if not config.redis_url:
+        return MemoryRecordStore(trust)
+    try:
+        store = RedisRecordStore(config.redis_url, trust)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    await _reach_redis(store)
+    return store
+
+
+async def open_dht(config: Config) -> tuple[DhtNode, SiteKey]:
+    """This site's key, its trust list and a DHT node listening (not yet joined)."""
+    try:
+        key = SiteKey.load_or_create(config.data_dir)
+        trust = TrustStore.from_dir(config.trust_dir, key)
+    except KeyFileError as exc:
+        raise StartupError(str(exc)) from None
+    records = await open_record_store(config, trust)
+    node = DhtNode(records, trust, rpc_timeout=config.dht_rpc_timeout)
+    listen = config.dht_listen
+    try:
+        port = await node.listen(listen.host, listen.port)
+    except OSError as exc:
+        await records.close()
+        raise StartupError(f"cannot listen on {listen} (DHT): {exc.strerror or exc}") from None
+    log.info(
+        "DHT node %s on %s:%d, site key %s, %d trusted key(s)",
+        node.node_id_hex[:12], listen.host, port, key.key_id, len(trust),
+    )  # fmt: skip
+    if not config.bootstrap:
+        log.info("no --bootstrap: this node starts a new overlay")
+    return node, key
+
+
+async def close_dht(node: DhtNode) -> None:
+    await node.close()
+    await node.store.close()
+
+
+async def open_users(config: Config) -> UserStore:
+    realm = config.domains[0] if config.domains else "p2psip"
+    try:
+        return await open_user_store(config, realm)
+    except (UsersFileError, UserStoreError) as exc:
+        raise StartupError(str(exc)) from None
+
+
+def identity_for(config: Config, port: int) -> ProxyIdentity:
+    """How the proxy names itself (Via, Record-Route) and which addresses are its own."""
+    listen = config.sip_listen.host
+    host = config.advertise or listen
+    if host in ("0.0.0.0", "::"):
+        host = _primary_address()
+    aliases = {(host.lower(), port)}
+    if listen not in ("0.0.0.0", "::"):
+        aliases.add((listen.lower(), port))
+    return ProxyIdentity(host, port, config.domains, frozenset(aliases))
+
+
+def _primary_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def home_uri(me: ProxyIdentity) -> str:
+    """The SIP URI other sites reach this proxy at (the binding's home proxy)."""
+    host = f"[{me.host}]" if ":" in me.host else me.host
+    return f"sip:{host}:{me.port}"
+
+
+# --- the site ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Site:
+    config: Config
+    identity: ProxyIdentity
+    counters: SipCounters
+    store: LocationStore
+    users: UserStore
+    auth: AuthGate
+    registrar: RegistrarService
+    router: Router
+    server: SipServer
+    node: DhtNode
+    key: SiteKey
+    adaptor: DhtAdaptor
+    dht: DhtRouter
+    services: SiteServices
+    _closing: contextlib.AsyncExitStack = field(repr=False)
+
+    @property
+    def sip_port(self) -> int:
+        return self.identity.port
+
+    async def start(self) -> None:
+        """Serve SIP and publish to the DHT (what run_site does before serving)."""
+        self.server.serve()
+        self.adaptor.start()
+        await self.registrar.republish_all()
+
+    def stats(self) -> dict[str, float]:
+        """One flat snapshot of the site's counters (logged; served by the admin API)."""
+        out: dict[str, float] = dict(self.counters.snapshot())
+        out.update(self.adaptor.stats.snapshot())
+        out["dht_backlog"] = self.adaptor.backlog
+        out.update({f"dht_node_{k}": v for k, v in self.node.stats().items()})
+        cache = self.dht.cache
+        out["dht_cache_hits"] = cache.hits
+        out["dht_cache_misses"] = cache.misses
+        out["dht_cache_hit_rate"] = round(cache.hit_rate, 4)
+        return out
+
+    async def close(self) -> None:
+        await self._closing.aclose()
+
+
+async def build_site(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    make_resolver: Callable[[Callable[[str, int], bool]], Resolver] = Resolver,
+    dht_retry_delays: Sequence[float] = RETRY_DELAYS,
+) -> Site:
+    """Open, bind and build everything a site runs, or raise StartupError (closing
+    whatever was opened). ``make_resolver`` lets tests keep forwarded requests on this
+    machine; ``dht_retry_delays`` lets them retry DHT writes sooner."""
+    async with contextlib.AsyncExitStack() as stack:
+        store = await open_store(config)
+        stack.push_async_callback(store.close)
+        users = await open_users(config)
+        stack.push_async_callback(users.close)
+
+        counters = SipCounters()
+        transport = TransportLayer(
+            idle_timeout=config.tcp_idle_timeout, partial_timeout=config.tcp_partial_timeout
+        )
+        listen = config.sip_listen
+        try:
+            port = await transport.start(listen.host, listen.port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        stack.push_async_callback(transport.close)
+        log.info("SIP listening on %s:%d (UDP and TCP)", listen.host, port)
+        if not config.domains:
+            log.warning("no --domain given: serving every domain name")
+        me = identity_for(config, port)
+
+        node, key = await open_dht(config)
+        stack.push_async_callback(close_dht, node)
+        adaptor = DhtAdaptor(
+            node, key, site_id=config.site_id, home=home_uri(me), clock=clock,
+            republish_interval=config.dht_republish, retry_delays=dht_retry_delays,
+            lookup_timeout=config.dht_lookup_timeout,
+        )  # fmt: skip
+        stack.push_async_callback(adaptor.close)
+
+        timers = TimerConfig(t1=config.t1, t2=config.t2, t4=config.t4, timer_c=config.timer_c)
+        transactions = TransactionLayer(transport, timers, counters)
+        tasks = Tasks("request task")
+        auth = AuthGate(
+            users, users.realm, nonce_secret(config.data_dir),
+            transactions=transactions, counters=counters, clock=clock,
+            required=config.users_file is not None,
+        )  # fmt: skip
+        directory = LocalDirectory(store, users, clock)
+        registrar = RegistrarService(
+            RegistrarConfig(
+                domains=config.domains, min_expires=config.min_expires,
+                max_expires=config.max_expires, default_expires=config.default_expires,
+                max_contacts=config.max_contacts,
+            ),
+            identity=me, directory=directory, transactions=transactions, auth=auth,
+            publisher=adaptor, counters=counters, clock=clock,
+        )  # fmt: skip
+        dht = DhtRouter(adaptor, counters, cache_ttl=config.dht_cache_ttl)
+        router = Router(
+            identity=me, transactions=transactions, directory=directory, auth=auth,
+            resolver=make_resolver(transport.has_connection),
+            forker=Forker(transactions, me, timer_c=timers.timer_c),
+            counters=counters, send=transport.send, spawn=tasks.spawn, dht=dht,
+        )  # fmt: skip
+        server = SipServer(
+            transport, transactions,
+            registrar=registrar, router=router, counters=counters, tasks=tasks,
+        )  # fmt: skip
+        stack.push_async_callback(server.close)
+
+        site: Site
+        services = SiteServices(
+            sip_address=lambda: (transport.host, transport.port),
+            store=store, registrar=registrar, users_store=users, adaptor=adaptor, node=node,
+            snapshot=lambda: site.stats(),
+            transactions=lambda: (len(transactions.server_txs), len(transactions.client_txs)),
+            token=admin_token(config), clock=clock, require_peers=bool(config.bootstrap),
+            redis_ping=store.ping if isinstance(store, RedisStore) else None,
+        )  # fmt: skip
+        site = Site(
+            config, me, counters, store, users, auth, registrar, router, server,
+            node, key, adaptor, dht, services, stack.pop_all(),
+        )  # fmt: skip
+        return site
+    raise AssertionError("unreachable")  # the stack re-raises what failed
