@@ -92,6 +92,37 @@ class Config:
     timer_c: float = 180.0
     tcp_idle_timeout: float = 600.0
     tcp_partial_timeout: float = 10.0
+    # Digest authentication: the challenges' order (RFC 8760 §2.4). MD5 first: most
+    # phones in the field (baresip, sipsak, desk phones) know nothing else and give up
+    # on a SHA-256 challenge; RFC 8760 UAs take the first they support.
+    digest_algorithms: tuple[str, ...] = ("MD5", "SHA-256")
+    # Brute force: this many failed authentications from one address (or against one
+    # AOR from it) within the window block it, for a time that doubles up to the max.
+    auth_max_failures: int = 10
+    auth_failure_window: float = 300.0
+    auth_block_time: float = 60.0
+    auth_block_max: float = 3600.0
+    # Floods (like Kamailio's pike): more than flood_max_requests messages from one
+    # address in flood_window seconds blocks it (dropped silently) for flood_block_time.
+    flood_max_requests: int = 400
+    flood_window: float = 2.0
+    flood_block_time: float = 30.0
+    # TCP connections per remote address and in total (also kept under the process's
+    # file descriptor limit).
+    max_tcp_per_address: int = 64
+    max_tcp_connections: int = 4096
+    # Overload: new out-of-dialog requests get 503 once this many server transactions
+    # are in flight or requests wait this long in the socket before we read them.
+    max_transactions: int = 10000
+    overload_queue_delay: float = 0.2
+    # Input limits (RFC 3261 §20 puts none; these are a proxy's sanity bounds).
+    max_message_bytes: int = 65535
+    max_headers: int = 128
+    max_header_line: int = 8192
+    max_via: int = 32
+    max_route: int = 32
+    # SIGTERM: how long transactions in flight get to finish before the process exits.
+    shutdown_grace: float = 10.0
     # DHT adaptor
     dht_rpc_timeout: float = 0.5
     dht_republish: float = 600.0
@@ -171,6 +202,23 @@ _SCALARS: dict[str, Any] = {
     "timer_c": _float,
     "tcp_idle_timeout": _float,
     "tcp_partial_timeout": _float,
+    "auth_max_failures": _int,
+    "auth_failure_window": _float,
+    "auth_block_time": _float,
+    "auth_block_max": _float,
+    "flood_max_requests": _int,
+    "flood_window": _float,
+    "flood_block_time": _float,
+    "max_tcp_per_address": _int,
+    "max_tcp_connections": _int,
+    "max_transactions": _int,
+    "overload_queue_delay": _float,
+    "max_message_bytes": _int,
+    "max_headers": _int,
+    "max_header_line": _int,
+    "max_via": _int,
+    "max_route": _int,
+    "shutdown_grace": _float,
     "dht_rpc_timeout": _float,
     "dht_republish": _float,
     "dht_cache_ttl": _float,
@@ -178,6 +226,7 @@ _SCALARS: dict[str, Any] = {
 }
 _LISTS: dict[str, Any] = {
     "domains": _domain,
+    "digest_algorithms": lambda v, n: _digest_algorithm(v, n),
     "bootstrap": lambda v, n: parse_hostport(_str(v, n), n, 6084),
 }
 # Names accepted in the TOML file and as P2PSIP_<NAME>; "domain"/"users" alias the lists.
@@ -187,6 +236,13 @@ _ALIASES = {
     "trust": "trust_dir",
     "listen": "dht_listen",
 }
+
+
+def _digest_algorithm(v: Any, name: str) -> str:
+    algorithm = _str(v, name).strip().upper()
+    if algorithm not in ("MD5", "SHA-256"):
+        raise ConfigError(f"{name}: expected MD5 or SHA-256, got {v!r}")
+    return algorithm
 
 
 def _log_level(v: Any, name: str) -> str:
@@ -261,6 +317,21 @@ def _check(cfg: Config) -> None:
         raise ConfigError("default_expires must lie between min_expires and max_expires")
     if cfg.max_contacts < 1:
         raise ConfigError("max_contacts must be at least 1")
+    if not cfg.digest_algorithms or len(set(cfg.digest_algorithms)) != len(
+        cfg.digest_algorithms
+    ):
+        raise ConfigError("digest_algorithms must name MD5 and/or SHA-256, each once")
+    for name in ("auth_max_failures", "flood_max_requests", "max_tcp_per_address",
+                 "max_tcp_connections", "max_transactions", "max_headers", "max_via",
+                 "max_route"):  # fmt: skip
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    if not 1024 <= cfg.max_message_bytes <= 65535:
+        raise ConfigError("max_message_bytes must lie between 1024 and 65535")
+    if cfg.max_header_line < 256:
+        raise ConfigError("max_header_line must be at least 256")
+    if cfg.auth_block_time > cfg.auth_block_max:
+        raise ConfigError("auth_block_time must not be larger than auth_block_max")
     if cfg.t1 > cfg.t2:
         raise ConfigError("t1 must not be larger than t2")
     if not is_loopback(cfg.admin_listen.host) and not cfg.admin_token:
