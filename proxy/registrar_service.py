@@ -45,18 +45,27 @@ class RegistrarService:
         self._publisher = publisher
         self._counters = counters
         self._clock = clock
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # AOR -> (lock, users)
 
     @asynccontextmanager
     async def _locked(self, aor: str) -> AsyncIterator[None]:
-        """One change of an AOR at a time (REGISTERs of one phone may overlap)."""
-        lock = self._locks.setdefault(aor, asyncio.Lock())
+        """One change of an AOR at a time (REGISTERs of one phone may overlap).
+
+        The lock is dropped when nobody holds or waits for it. Not when it is merely
+        unlocked: a released lock stays unlocked until the waiter it woke runs, and a
+        REGISTER arriving meanwhile would get a new lock and run beside that waiter.
+        """
+        lock, users = self._locks.get(aor, (asyncio.Lock(), 0))
+        self._locks[aor] = (lock, users + 1)
         try:
             async with lock:
                 yield
         finally:
-            if not lock.locked() and self._locks.get(aor) is lock:
+            lock, users = self._locks[aor]
+            if users == 1:
                 del self._locks[aor]
+            else:
+                self._locks[aor] = (lock, users - 1)
 
     async def republish_all(self) -> int:
         """Queue every AOR of the local store for the DHT (at start-up: after a restart

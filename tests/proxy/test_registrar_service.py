@@ -275,6 +275,23 @@ async def test_concurrent_registers_of_one_aor_are_serialized() -> None:
     assert await r.contacts() == sorted(phones)  # no update lost
 
 
+async def test_a_register_arriving_while_a_queued_one_runs_still_waits() -> None:
+    # A holds the AOR's lock, B queues behind it; C arrives once B runs. C must queue
+    # behind B, not start beside it and overwrite B's binding.
+    r = registrar()
+    phones = [f"sip:alice@192.0.2.{10 + i}:5060" for i in range(3)]
+    reqs = [register(f"<{p}>", expires=600, call_id=f"reg-{i}") for i, p in enumerate(phones)]
+    loop = asyncio.get_running_loop()
+    first = [loop.create_task(r.register(req)) for req in reqs[:2]]
+    while not first[0].done():
+        await asyncio.sleep(0)
+    while r.store.busy.get(ALICE, 0) == 0:  # B has the lock and has loaded
+        await asyncio.sleep(0)
+    await asyncio.gather(*first, r.register(reqs[2]))
+    assert r.store.most_busy == 1
+    assert await r.contacts() == sorted(phones)
+
+
 async def test_registers_of_different_aors_run_side_by_side() -> None:
     r = registrar()
     reqs = [register(f"<sip:{u}@192.0.2.{10 + i}>", aor=f"sip:{u}@example.com", call_id=u,
