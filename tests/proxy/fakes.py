@@ -254,7 +254,9 @@ class FakeLocator:
         await asyncio.sleep(0)
         if self.failure is not None:
             raise self.failure
-        return list(self.bindings.get(aor, ()))
+        # Like the adaptor: only live bindings (the overlay lets the others expire).
+        now = self._clock()
+        return [b for b in self.bindings.get(aor, ()) if b.is_live(now)]
 
 
 # --- resolver and transport ----------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""DhtRouter: which home proxies a request for a user of another site goes to, with a fake
+locator (canned DHT answers) and a manual clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.dht_routing import DhtRouter, is_relayed
+from proxy.location import LocationUnavailable
+from proxy.sip.uri import SipUri, parse_uri
+from proxy.stats import SipCounters
+
+from .fakes import HOME, FakeLocator, HomeRecord, ManualClock
+
+BOB = "sip:bob@example.com"
+SITE_B = "sip:198.51.100.7:5060"
+SITE_C = "sip:198.51.100.8:5070;transport=tcp"
+
+
+def sip_uri(text: str) -> SipUri:
+    uri = parse_uri(text)
+    assert isinstance(uri, SipUri)
+    return uri
+
+
+RURI = sip_uri(BOB)
+
+
+def dht_router(ttl: float = 10.0) -> tuple[DhtRouter, FakeLocator, SipCounters, ManualClock]:
+    clock = ManualClock()
+    locator = FakeLocator(clock)
+    counters = SipCounters()
+    return DhtRouter(locator, counters, cache_ttl=ttl), locator, counters, clock
+
+
+async def test_one_target_per_home_best_q_first() -> None:
+    router, locator, _, _ = dht_router()
+    locator.bindings[BOB] = [
+        HomeRecord(SITE_B, q=0.3),
+        HomeRecord(SITE_C, q=0.5),
+        HomeRecord(SITE_B, q=0.9),  # the home's best binding decides its place
+    ]
+    found = await router.route(BOB, RURI)
+    assert found is not None
+    assert [str(h) for h in found.homes] == [SITE_B, SITE_C]
+    assert found.aor == BOB
+    assert found.request_uri == RURI
+    assert found.ruri == "sip:bob@example.com;p2psip=home"
+    assert is_relayed(sip_uri(found.ruri))
+    assert not found.from_cache
+
+
+async def test_our_own_home_is_dropped() -> None:
+    router, locator, _, _ = dht_router()
+    locator.bindings[BOB] = [HomeRecord(HOME, q=1.0), HomeRecord(SITE_B, q=0.1)]
+    found = await router.route(BOB, RURI)
+    assert found is not None
+    assert [str(h) for h in found.homes] == [SITE_B]
+
+
+async def test_nothing_left_is_none() -> None:
+    router, locator, _, _ = dht_router()
+    assert await router.route(BOB, RURI) is None
+    locator.bindings[BOB] = [HomeRecord(HOME)]
+    assert await router.route(BOB, RURI) is None
+
+
+async def test_the_relay_mark_replaces_one_already_there() -> None:
+    router, locator, _, _ = dht_router()
+    locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    found = await router.route(BOB, sip_uri("sip:bob@example.com;p2psip=other;user=phone"))
+    assert found is not None
+    assert found.ruri == "sip:bob@example.com;user=phone;p2psip=home"
+
+
+@pytest.mark.parametrize("home", ["tel:+15551234", "not a uri at all", "<sip:x>", "http://x"])
+async def test_a_home_that_is_not_a_sip_uri_is_skipped(home: str) -> None:
+    router, locator, _, _ = dht_router()
+    locator.bindings[BOB] = [HomeRecord(home, q=1.0), HomeRecord(SITE_B, q=0.5)]
+    found = await router.route(BOB, RURI)
+    assert found is not None
+    assert [str(h) for h in found.homes] == [SITE_B]
+
+
+async def test_only_bad_homes_is_none() -> None:
+    router, locator, _, _ = dht_router()
+    locator.bindings[BOB] = [HomeRecord("tel:+15551234")]
+    assert await router.route(BOB, RURI) is None
+
+
+async def test_a_second_route_is_a_cache_hit() -> None:
+    router, locator, counters, _ = dht_router()
+    locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    await router.route(BOB, RURI)
+    locator.bindings[BOB] = [HomeRecord(SITE_C)]  # moved; the cache does not know yet
+    found = await router.route(BOB, RURI)
+    assert found is not None
+    assert found.from_cache
+    assert [str(h) for h in found.homes] == [SITE_B]
+    assert locator.lookups == [BOB]
+    assert counters.dht_lookups == 1
+    assert (router.cache.hits, router.cache.misses) == (1, 1)
+
+
+async def test_fresh_bypasses_the_cache() -> None:
+    router, locator, counters, _ = dht_router()
+    locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    await router.route(BOB, RURI)
+    locator.bindings[BOB] = [HomeRecord(SITE_C)]
+    found = await router.route(BOB, RURI, fresh=True)
+    assert found is not None
+    assert not found.from_cache
+    assert [str(h) for h in found.homes] == [SITE_C]
+    assert counters.dht_lookups == 2
+    # ... and what it found is what the next call uses.
+    again = await router.route(BOB, RURI)
+    assert again is not None and again.from_cache
+    assert [str(h) for h in again.homes] == [SITE_C]
+
+
+async def test_failed_drops_the_entry() -> None:
+    router, locator, counters, _ = dht_router()
+    locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    await router.route(BOB, RURI)
+    router.failed(BOB)
+    router.failed("sip:nobody@example.com")  # nothing cached: nothing to do
+    found = await router.route(BOB, RURI)
+    assert found is not None and not found.from_cache
+    assert counters.dht_lookups == 2
+
+
+async def test_entries_last_the_cache_ttl() -> None:
+    router, locator, counters, clock = dht_router(ttl=10.0)
+    locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    await router.route(BOB, RURI)
+    clock.advance(9.9)
+    hit = await router.route(BOB, RURI)
+    assert hit is not None and hit.from_cache
+    clock.advance(0.2)
+    miss = await router.route(BOB, RURI)
+    assert miss is not None and not miss.from_cache
+    assert counters.dht_lookups == 2
+
+
+async def test_a_cached_binding_that_expired_is_not_used() -> None:
+    router, locator, counters, clock = dht_router(ttl=60.0)
+    locator.bindings[BOB] = [HomeRecord(SITE_B, expires_at=clock() + 5)]
+    await router.route(BOB, RURI)
+    clock.advance(6)
+    assert await router.route(BOB, RURI) is None  # the DHT lets it expire too
+    assert counters.dht_lookups == 2
+
+
+async def test_not_found_is_not_cached() -> None:
+    router, locator, counters, _ = dht_router()
+    assert await router.route(BOB, RURI) is None
+    locator.bindings[BOB] = [HomeRecord(SITE_B)]  # bob registers at site B
+    assert await router.route(BOB, RURI) is not None
+    assert counters.dht_lookups == 2
+
+
+async def test_lookup_errors_propagate_and_are_not_cached() -> None:
+    router, locator, counters, _ = dht_router()
+    locator.failure = LocationUnavailable("no node answered")
+    with pytest.raises(LocationUnavailable) as caught:
+        await router.route(BOB, RURI)
+    assert caught.value.status_code == 503
+    assert ("Retry-After", "5") in caught.value.headers
+    locator.failure = None
+    locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    found = await router.route(BOB, RURI)
+    assert found is not None and not found.from_cache
+    assert counters.dht_lookups == 2
