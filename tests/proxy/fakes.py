@@ -264,10 +264,13 @@ class FakeLocator:
 
 class FakeResolver:
     """URIs to flows without DNS: IP hosts as they are, names from ``hosts`` (or 503, as
-    when a name does not resolve). A binding's registration flow always wins."""
+    when a name does not resolve). A binding's registration flow is chosen as
+    ``proxy.resolver.Resolver`` chooses it: a TCP flow while ``connections`` holds it, a
+    UDP one when the contact names another host (a phone behind NAT)."""
 
     def __init__(self, hosts: dict[str, str] | None = None) -> None:
         self.hosts = dict(hosts or {})
+        self.connections: set[tuple[str, int]] = set()
         self.resolved: list[str] = []
 
     async def resolve(self, uri: SipUri) -> Flow:
@@ -288,7 +291,14 @@ class FakeResolver:
         return await self.via_flow(source, uri)
 
     async def via_flow(self, source: str | None, uri: SipUri) -> Flow:
-        return Flow.parse(source) if source else await self.resolve(uri)
+        if source:
+            flow = Flow.parse(source)
+            if flow.transport == "udp":
+                if uri.transport == "udp" and uri.host.strip("[]") != flow.host:
+                    return flow
+            elif (flow.host, flow.port) in self.connections:
+                return flow
+        return await self.resolve(uri)
 
 
 class FakeSender:

@@ -1,0 +1,462 @@
+"""Router: where a proxied request goes, driven with fake transactions, a fake resolver,
+an in-memory store, a fake DHT locator and a manual clock. The forker is the real one,
+so each test sees the requests exactly as they would leave the proxy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import pytest
+
+from dht_adaptor.location import MemoryStore
+from proxy.auth_gate import AuthGate
+from proxy.dht_routing import DhtRouter
+from proxy.directory import LocalDirectory
+from proxy.forker import Forker
+from proxy.location import LocationUnavailable
+from proxy.resolver import Resolver
+from proxy.router import Router
+from proxy.sip.binding import Binding
+from proxy.sip.errors import NotFound, TemporarilyUnavailable
+from proxy.sip.message import Request, Response, error_response, make_response, parse_message
+from proxy.stats import SipCounters
+from proxy.transactions import ServerTx
+from proxy.transport import Flow
+
+from .fakes import (
+    ME,
+    PHONE,
+    FakeLocator,
+    FakeResolver,
+    FakeTransactions,
+    FakeUsers,
+    HomeRecord,
+    ManualClock,
+    Spawner,
+    digest_answer,
+    md5_challenge,
+    server_tx,
+)
+from .messages import PHONE_VIA, request
+
+BOB = "sip:bob@example.com"
+BOB_DESK = "sip:bob@192.0.2.20:5070"
+BOB_MOBILE = "sip:bob@192.0.2.21:5080"
+SITE_B = "sip:198.51.100.7:5060"
+SITE_C = "sip:198.51.100.8:5070;transport=tcp"
+FLOW_B = Flow("udp", "198.51.100.7", 5060)
+FLOW_C = Flow("tcp", "198.51.100.8", 5070)
+OUR_RR = "<sip:203.0.113.5:5060;lr>"
+
+
+@dataclass
+class Proxy:
+    router: Router
+    transactions: FakeTransactions
+    store: MemoryStore
+    directory: LocalDirectory
+    locator: FakeLocator
+    resolver: FakeResolver
+    sent: list[tuple[Flow, bytes]]
+    spawner: Spawner
+    counters: SipCounters
+    clock: ManualClock
+    users: FakeUsers
+
+    async def bind(self, contact: str, *, aor: str = BOB, q: float = 1.0, **kw: object) -> None:
+        """``contact`` registers for ``aor`` (as the registrar would store it)."""
+        now = self.clock()
+        old = await self.store.load(aor, now)
+        new = [*old, Binding(aor, contact, now + 600, q=q, **kw)]  # type: ignore[arg-type]
+        await self.store.save(aor, new, now)
+        self.directory.note(aor, old, new)
+
+    async def route(self, req: Request) -> ServerTx:
+        stx = server_tx(req)
+        await self.router.route(stx)
+        return stx
+
+
+def proxy(*, dht: bool = False, users: tuple[tuple[str, str], ...] = ()) -> Proxy:
+    clock = ManualClock()
+    transactions = FakeTransactions()
+    store = MemoryStore()
+    fake_users = FakeUsers()
+    for name, password in users:
+        fake_users.add(name, password)
+    counters = SipCounters()
+    directory = LocalDirectory(store, fake_users, clock)
+    auth = AuthGate(
+        fake_users, "example.com", b"s" * 32,
+        transactions=transactions, counters=counters, clock=clock,
+    )  # fmt: skip
+    locator = FakeLocator(clock)
+    resolver = FakeResolver()
+    sent: list[tuple[Flow, bytes]] = []
+    spawner = Spawner()
+    router = Router(
+        identity=ME, transactions=transactions, directory=directory, auth=auth,
+        # Router asks for the concrete Resolver (a class, no Protocol) although it uses
+        # three methods of it; the fake has those three.
+        resolver=cast(Resolver, resolver),
+        forker=Forker(transactions, ME, timer_c=180.0), counters=counters,
+        send=lambda flow, data: sent.append((flow, data)), spawn=spawner,
+        dht=DhtRouter(locator, counters) if dht else None,
+    )  # fmt: skip
+    return Proxy(
+        router, transactions, store, directory, locator, resolver, sent, spawner, counters,
+        clock, fake_users,
+    )  # fmt: skip
+
+
+def invite(ruri: str = BOB, **kw: object) -> Request:
+    return request("INVITE", ruri, **kw)
+
+
+# --- local users ---------------------------------------------------------------------------
+
+
+async def test_a_local_user_is_forked_to_every_binding_best_q_first() -> None:
+    p = proxy()
+    await p.bind(BOB_DESK, q=0.5)
+    await p.bind(BOB_MOBILE, q=1.0)
+    stx = await p.route(invite())
+    branches = p.transactions.branches()
+    assert [b.request.uri for b in branches] == [BOB_MOBILE, BOB_DESK]
+    assert [b.flow for b in branches] == [
+        Flow("udp", "192.0.2.21", 5080),
+        Flow("udp", "192.0.2.20", 5070),
+    ]
+    for b in branches:
+        ours, theirs = b.request.headers.get_all("Via")
+        assert ours.startswith("SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-")
+        assert theirs == PHONE_VIA
+        assert b.request.headers.get_all("Record-Route") == [OUR_RR]
+        assert b.request.max_forwards == 69
+    # Two branches, two transactions: their branch parameters differ.
+    assert len({b.request.top_via.branch for b in branches}) == 2
+    assert p.transactions.sent_to(stx) == []  # the answer comes from a phone
+    assert p.counters.calls_routed_local == 1
+
+
+async def test_the_phones_answers_go_upstream_without_our_via() -> None:
+    p = proxy()
+    await p.bind(BOB_DESK)
+    stx = await p.route(invite())
+    [branch] = p.transactions.branches()
+    branch.answer(180)
+    branch.answer(200)
+    assert p.transactions.statuses(stx) == [180, 200]
+    assert all(r.headers.get_all("Via") == [PHONE_VIA] for r in p.transactions.sent_to(stx))
+
+
+EDGE = "<sip:198.51.100.30:5060;transport=tcp;lr>"
+EDGE_TCP = "tcp:198.51.100.30:49152"  # the connection bob's REGISTER came through
+BOB_BEHIND_EDGE = "sip:bob@10.0.0.5:5060"
+
+
+async def test_a_binding_with_a_path_is_reached_through_it() -> None:
+    # RFC 3327 §5.3: bob registered through an edge proxy (Path). While we hold its
+    # connection, the request goes back over it.
+    p = proxy()
+    p.resolver.connections.add(("198.51.100.30", 49152))
+    await p.bind(BOB_BEHIND_EDGE, path=(EDGE,), source=EDGE_TCP)
+    await p.route(invite())
+    [branch] = p.transactions.branches()
+    assert branch.flow == Flow.parse(EDGE_TCP)
+    assert branch.request.uri == BOB_BEHIND_EDGE
+    assert branch.request.headers.values("Route") == [EDGE]
+
+
+async def test_a_non_dialog_request_is_not_record_routed() -> None:
+    p = proxy()
+    await p.bind(BOB_DESK)
+    await p.route(request("MESSAGE", BOB))
+    [branch] = p.transactions.branches("MESSAGE")
+    assert branch.request.headers.get_all("Record-Route") == []
+
+
+async def test_an_unknown_user_is_not_found() -> None:
+    p = proxy()
+    req = invite("sip:nobody@example.com")
+    with pytest.raises(NotFound) as caught:
+        await p.route(req)
+    assert error_response(req, caught.value).status == 404
+    assert p.transactions.started == []
+
+
+async def test_a_known_aor_whose_bindings_expired_is_temporarily_unavailable() -> None:
+    p = proxy()
+    await p.bind(BOB_DESK)
+    p.clock.advance(601)
+    req = invite()
+    with pytest.raises(TemporarilyUnavailable) as caught:
+        await p.route(req)
+    assert error_response(req, caught.value).status == 480
+    assert p.transactions.started == []
+
+
+async def test_a_user_of_the_users_file_who_never_registered_is_temporarily_unavailable() -> None:
+    p = proxy(users=(("bob", "builder"),))
+    # From another domain: not a local user, so not challenged.
+    with pytest.raises(TemporarilyUnavailable):
+        await p.route(invite(from_="sip:carol@other.example.org"))
+
+
+async def test_bindings_that_cannot_be_reached_are_temporarily_unavailable() -> None:
+    p = proxy()
+    await p.bind("sip:bob@desk.invalid:5070")  # the name does not resolve
+    with pytest.raises(TemporarilyUnavailable):
+        await p.route(invite())
+
+
+async def test_an_unreachable_binding_is_skipped() -> None:
+    p = proxy()
+    await p.bind("sip:bob@desk.invalid:5070", q=1.0)
+    await p.bind(BOB_DESK, q=0.5)
+    await p.route(invite())
+    assert [b.request.uri for b in p.transactions.branches()] == [BOB_DESK]
+
+
+# --- through the DHT -------------------------------------------------------------------------
+
+
+async def test_with_no_local_binding_the_request_goes_to_the_home_proxies() -> None:
+    p = proxy(dht=True)
+    p.locator.bindings[BOB] = [HomeRecord(SITE_B, q=0.5), HomeRecord(SITE_C, q=0.9)]
+    stx = await p.route(invite())
+    branches = p.transactions.branches()
+    assert [b.flow for b in branches] == [FLOW_C, FLOW_B]
+    assert {b.request.uri for b in branches} == {"sip:bob@example.com;p2psip=home"}
+    assert branches[0].request.headers.get_all("Via")[0].startswith("SIP/2.0/TCP 203.0.113.5")
+    # UDP in, TCP out: we Record-Route once per transport.
+    assert branches[0].request.headers.get_all("Record-Route") == [
+        "<sip:203.0.113.5:5060;transport=tcp;lr>",
+        OUR_RR,
+    ]
+    assert p.counters.calls_routed_dht == 1
+    assert p.transactions.sent_to(stx) == []
+
+
+async def test_a_local_binding_wins_over_the_dht() -> None:
+    p = proxy(dht=True)
+    p.locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    await p.bind(BOB_DESK)
+    await p.route(invite())
+    assert [b.request.uri for b in p.transactions.branches()] == [BOB_DESK]
+    assert p.locator.lookups == []
+
+
+async def test_a_relayed_request_never_goes_to_the_dht() -> None:
+    p = proxy(dht=True)
+    p.locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    with pytest.raises(NotFound):
+        await p.route(invite("sip:bob@example.com;p2psip=home"))
+    assert p.locator.lookups == []
+    assert p.transactions.started == []
+
+
+async def test_a_relayed_request_reaches_the_local_binding() -> None:
+    p = proxy(dht=True)
+    await p.bind(BOB_DESK)
+    await p.route(invite("sip:bob@example.com;p2psip=home"))
+    assert [b.request.uri for b in p.transactions.branches()] == [BOB_DESK]
+
+
+async def test_the_dht_unavailable_is_a_503_with_retry_after() -> None:
+    p = proxy(dht=True)
+    p.locator.failure = LocationUnavailable("no node answered")
+    req = invite()
+    with pytest.raises(LocationUnavailable) as caught:
+        await p.route(req)
+    resp = error_response(req, caught.value)
+    assert (resp.status, resp.headers.get("Retry-After")) == (503, "5")
+    assert p.transactions.started == []
+
+
+async def test_a_user_only_the_dht_knows_at_our_own_home_is_not_found() -> None:
+    p = proxy(dht=True)
+    p.locator.bindings[BOB] = [HomeRecord(p.locator.home)]  # stale: we hold no binding
+    with pytest.raises(NotFound):
+        await p.route(invite())
+
+
+async def test_cached_home_proxies_that_fail_are_retried_after_a_fresh_lookup() -> None:
+    p = proxy(dht=True)
+    p.locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    first = await p.route(invite(call_id="call-1"))
+    [to_b] = p.transactions.branches()
+    to_b.answer(200)
+    assert p.transactions.statuses(first) == [200]
+
+    p.locator.bindings[BOB] = [HomeRecord(SITE_C)]  # bob moved to site C
+    second = await p.route(invite(call_id="call-2"))  # from the cache: site B again
+    stale = p.transactions.branches()[-1]
+    assert stale.flow == FLOW_B
+    stale.answer(480)
+    await p.spawner.drain()
+    assert p.transactions.statuses(second) == []  # the 480 is held for the retry
+    retry = p.transactions.branches()[-1]
+    assert retry.flow == FLOW_C
+    assert retry.request.uri == "sip:bob@example.com;p2psip=home"
+    retry.answer(200)
+    assert p.transactions.statuses(second) == [200]
+    assert p.locator.lookups == [BOB, BOB]
+    assert p.counters.dht_retries == 1
+
+
+async def test_a_retry_that_finds_the_same_home_proxies_answers_the_held_failure() -> None:
+    p = proxy(dht=True)
+    p.locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    await p.route(invite(call_id="call-1"))
+    p.transactions.branches()[-1].answer(200)
+    stx = await p.route(invite(call_id="call-2"))
+    p.transactions.branches()[-1].time_out()
+    await p.spawner.drain()
+    assert p.transactions.statuses(stx) == [408]
+    assert len(p.transactions.branches()) == 2  # nothing new was tried
+    assert p.counters.dht_retries == 0
+
+
+async def test_a_failure_not_from_the_cache_is_answered_at_once() -> None:
+    p = proxy(dht=True)
+    p.locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    stx = await p.route(invite())
+    p.transactions.branches()[-1].answer(480)
+    assert p.transactions.statuses(stx) == [480]
+    assert p.spawner.tasks == []
+
+
+# --- Route, requests to the proxy, stateless forwarding ----------------------------------
+
+
+async def test_a_request_with_a_route_goes_to_the_route() -> None:
+    p = proxy()
+    req = invite(
+        "sip:bob@example.com", to_tag="b0b",
+        extra=[f"Route: {OUR_RR}, <sip:198.51.100.9:5080;lr>"],
+    )  # fmt: skip
+    await p.route(req)
+    [branch] = p.transactions.branches()
+    assert branch.flow == Flow("udp", "198.51.100.9", 5080)
+    assert branch.request.uri == "sip:bob@example.com"  # loose routing: unchanged
+    assert branch.request.headers.values("Route") == ["<sip:198.51.100.9:5080;lr>"]
+
+
+@pytest.mark.parametrize("ruri", ["sip:203.0.113.5:5060", "sip:example.com"])
+async def test_options_to_the_proxy_is_answered_200_with_allow(ruri: str) -> None:
+    p = proxy()
+    req = request("OPTIONS", ruri)
+    assert p.router.is_for_me(req)
+    stx = server_tx(req)
+    p.router.answer_locally(stx)
+    [resp] = p.transactions.sent_to(stx)
+    assert resp.status == 200
+    allow = {m.strip() for m in (resp.headers.get("Allow") or "").split(",")}
+    assert {"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER"} <= allow
+
+
+async def test_other_requests_to_the_proxy_are_not_allowed() -> None:
+    p = proxy()
+    stx = server_tx(request("MESSAGE", "sip:example.com"))
+    p.router.answer_locally(stx)
+    [resp] = p.transactions.sent_to(stx)
+    assert (resp.status, resp.headers.get("Allow")) == (405, "OPTIONS, REGISTER")
+
+
+def test_requests_to_users_or_elsewhere_are_not_for_the_proxy() -> None:
+    p = proxy()
+    assert not p.router.is_for_me(request("OPTIONS", BOB))
+    assert not p.router.is_for_me(request("OPTIONS", "sip:198.51.100.9"))
+    assert not p.router.is_for_me(
+        request("OPTIONS", "sip:example.com", extra=["Route: <sip:198.51.100.9;lr>"])
+    )
+
+
+def ack(branch: str = "z9hG4bKack1") -> Request:
+    return request(
+        "ACK", BOB_DESK, to_tag="b0b", vias=[f"SIP/2.0/UDP 192.0.2.10:5060;branch={branch}"]
+    )
+
+
+async def test_an_ack_is_forwarded_statelessly_with_a_deterministic_branch() -> None:
+    p = proxy()
+    p.router.forward_ack(ack(), PHONE)
+    p.router.forward_ack(ack(), PHONE)  # retransmitted
+    p.router.forward_ack(ack("z9hG4bKack2"), PHONE)  # another ACK
+    await p.spawner.drain()
+    assert [flow for flow, _ in p.sent] == [Flow("udp", "192.0.2.20", 5070)] * 3
+    sent = [parse_message(data) for _, data in p.sent]
+    assert all(isinstance(m, Request) and m.method == "ACK" for m in sent)
+    branches = [m.top_via.branch for m in sent]
+    assert branches[0] == branches[1] != branches[2]
+    assert sent[0].headers.get_all("Via")[0].startswith("SIP/2.0/UDP 203.0.113.5:5060;")
+    assert sent[0].headers.get_all("Record-Route") == []
+    assert p.transactions.started == []  # no transaction for an ACK
+
+
+async def test_an_ack_that_cannot_be_routed_is_dropped() -> None:
+    p = proxy()
+    p.router.forward_ack(request("ACK", "sip:bob@nowhere.invalid", to_tag="b0b"), PHONE)
+    await p.spawner.drain()
+    assert p.sent == []
+
+
+def stray(*vias: str) -> Response:
+    return make_response(request("INVITE", BOB, vias=vias), 200, to_tag="b0b")
+
+
+def test_a_stray_response_with_our_via_goes_to_the_next_via() -> None:
+    p = proxy()
+    upstream = "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKup;received=192.0.2.99;rport=5999"
+    p.router.forward_stray_response(
+        stray("SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-x-y", upstream)
+    )
+    [(flow, data)] = p.sent
+    assert flow == Flow("udp", "192.0.2.99", 5999)
+    fwd = parse_message(data)
+    assert isinstance(fwd, Response) and fwd.status == 200
+    assert fwd.headers.get_all("Via") == [upstream]
+
+
+def test_a_stray_response_without_our_via_on_top_is_dropped() -> None:
+    p = proxy()
+    p.router.forward_stray_response(stray(PHONE_VIA, "SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKz"))
+    p.router.forward_stray_response(stray("SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-x-y"))
+    assert p.sent == []
+
+
+# --- authentication ----------------------------------------------------------------------------
+
+
+async def test_a_local_users_invite_is_challenged_407() -> None:
+    p = proxy(users=(("alice", "wonderland"),))
+    await p.bind(BOB_DESK)
+    stx = await p.route(invite())
+    [resp] = p.transactions.sent_to(stx)
+    assert resp.status == 407
+    assert md5_challenge(resp, "Proxy-Authenticate").startswith('Digest realm="example.com"')
+    assert p.transactions.started == []
+
+
+async def test_with_credentials_the_invite_goes_on_without_them() -> None:
+    p = proxy(users=(("alice", "wonderland"),))
+    await p.bind(BOB_DESK)
+    challenged = p.transactions.sent_to(await p.route(invite()))[0]
+    value = digest_answer(
+        md5_challenge(challenged, "Proxy-Authenticate"), username="alice",
+        password="wonderland", method="INVITE", uri=BOB,
+    )  # fmt: skip
+    stx = await p.route(invite(cseq=2, extra=[f"Proxy-Authorization: {value}"]))
+    assert p.transactions.sent_to(stx) == []
+    [branch] = p.transactions.branches()
+    assert branch.request.uri == BOB_DESK
+    assert "Proxy-Authorization" not in branch.request.headers  # §22.3: consumed here
+
+
+async def test_a_call_from_another_domain_is_not_challenged() -> None:
+    p = proxy(users=(("alice", "wonderland"),))
+    await p.bind(BOB_DESK)
+    await p.route(invite(from_="sip:carol@other.example.org"))
+    assert [b.request.uri for b in p.transactions.branches()] == [BOB_DESK]
