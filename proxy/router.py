@@ -17,7 +17,8 @@ from .dht_routing import DhtRoute, DhtRouter, is_relayed
 from .directory import LocalDirectory
 from .forker import Forker, ForkRunner, Target
 from .resolver import Resolver, is_ip
-from .sip.errors import NotFound, SipError, TemporarilyUnavailable
+from .sip.binding import Binding
+from .sip.errors import NotFound, SipError, TemporarilyUnavailable, UnsupportedUriScheme
 from .sip.forwarding import (
     ProxyIdentity,
     check_loop,
@@ -167,7 +168,7 @@ class Router:
         targets = []
         for b in sorted(bindings, key=lambda b: -b.q):
             try:
-                flow = await self._resolver.flow_for_contact(b.contact, b.source)
+                flow = await self._flow_for_binding(b)
             except SipError as exc:
                 log.info("skipping binding %s of %s: %s", b.contact, aor, exc)
                 continue
@@ -175,6 +176,17 @@ class Router:
         if bindings and not targets:
             raise TemporarilyUnavailable(f"no binding of {aor} can be reached")
         return targets
+
+    async def _flow_for_binding(self, b: Binding) -> Flow:
+        if not b.path:
+            return await self._resolver.flow_for_contact(b.contact, b.source)
+        # RFC 3327 §5.3: a binding registered through proxies is reached through them.
+        # The first Path entry becomes the top Route, so it is the next hop (§16.6 step 7),
+        # over the flow the REGISTER came on while we hold it; never the contact itself.
+        hop = parse_name_addr(b.path[0]).uri
+        if not isinstance(hop, SipUri):
+            raise UnsupportedUriScheme(f"cannot route to a {hop.scheme} Path")
+        return await self._resolver.via_flow(b.source, hop)
 
     async def _dht_targets(self, found: DhtRoute) -> list[Target]:
         targets = []

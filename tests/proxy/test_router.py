@@ -169,6 +169,18 @@ async def test_a_binding_with_a_path_is_reached_through_it() -> None:
     assert branch.request.headers.values("Route") == [EDGE]
 
 
+async def test_a_binding_with_a_path_is_reached_through_it_after_its_connection_closed() -> None:
+    # Regression: the request went to the contact itself (a private address behind the
+    # edge proxy), Route header and all, instead of to the first Path entry.
+    p = proxy()
+    await p.bind(BOB_BEHIND_EDGE, path=(EDGE,), source=EDGE_TCP)
+    await p.route(invite())
+    [branch] = p.transactions.branches()
+    assert branch.flow == Flow("tcp", "198.51.100.30", 5060)
+    assert branch.request.uri == BOB_BEHIND_EDGE
+    assert branch.request.headers.values("Route") == [EDGE]
+
+
 async def test_a_non_dialog_request_is_not_record_routed() -> None:
     p = proxy()
     await p.bind(BOB_DESK)
