@@ -9,6 +9,11 @@ from proxy.sip.message import Request, Response, parse_message, validate_request
 PHONE_VIA = "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKphone1;rport"
 
 
+def phone_via(branch: str) -> str:
+    """The phone's Via for another transaction (each needs its own branch)."""
+    return f"SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK{branch};rport"
+
+
 def request_bytes(
     method: str = "INVITE",
     ruri: str = "sip:bob@example.com",
