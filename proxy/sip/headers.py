@@ -192,6 +192,9 @@ class Via:
     host: str
     port: int | None = None
     params: Params = ()
+    # The SIP version of the hop that wrote it. Only "2.0" passes validation; another is
+    # read so that a request of that version can still be answered 505 (see parse_via).
+    version: str = "2.0"
 
     def param(self, name: str) -> str | None:
         return get_param(self.params, name)
@@ -217,7 +220,7 @@ class Via:
 
     def __str__(self) -> str:
         hp = self.host if self.port is None else f"{self.host}:{self.port}"
-        return f"SIP/2.0/{self.transport} {hp}{format_params(self.params)}"
+        return f"SIP/{self.version}/{self.transport} {hp}{format_params(self.params)}"
 
 
 def _expect(s: str, i: int, ch: str, what: str) -> int:
@@ -228,7 +231,13 @@ def _expect(s: str, i: int, ch: str, what: str) -> int:
 
 
 def parse_via(value: str) -> Via:
-    """Parse one Via element. LWS is allowed around "/" and ":" (RFC 3261 §25.1 SLASH)."""
+    """Parse one Via element. LWS is allowed around "/" and ":" (RFC 3261 §25.1 SLASH).
+
+    Any protocol-version token is read (``Via.version``): a request of another SIP
+    version is answered 505, and the answer goes to the sent-by of a Via its sender wrote
+    in that version (RFC 4475 §3.1.2.16 badvers: ``SIP/7.0/UDP``). ``validate_request``
+    and ``validate_response`` refuse a SIP/2.0 message that carries one.
+    """
     s = value
     i = skip_ws(s, 0)
     j = scan(s, i, TOKEN_CHARS)
@@ -236,8 +245,9 @@ def parse_via(value: str) -> Via:
         raise ParseError("malformed Via protocol")
     i = _expect(s, j, "/", "Via protocol")
     j = scan(s, i, TOKEN_CHARS)
-    if s[i:j] != "2.0":
-        raise ParseError("unsupported Via protocol version")
+    if j == i:
+        raise ParseError("missing Via protocol version")
+    version = s[i:j]
     i = _expect(s, j, "/", "Via protocol")
     j = scan(s, i, TOKEN_CHARS)
     if j == i:
@@ -270,7 +280,7 @@ def parse_via(value: str) -> Via:
     params, end = parse_params(s, j)
     if skip_ws(s, end) != len(s):
         raise ParseError("malformed Via parameters")
-    return Via(transport, host, port, params)
+    return Via(transport, host, port, params, version)
 
 
 # --- name-addr / addr-spec (RFC 3261 §20.10, §25.1) ------------------------------------

@@ -373,6 +373,13 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
         raise StartLineError(exc, partial) from None
 
 
+def _check_via_version(via: Via) -> None:
+    # parse_via reads any version, to answer a foreign request 505 at its Via; a SIP/2.0
+    # message with a Via of another version is malformed (RFC 3261 §20.42).
+    if via.version != "2.0":
+        raise ParseError("unsupported Via protocol version")
+
+
 def _check_single_valued(headers: Headers, names: frozenset[str]) -> None:
     seen: set[str] = set()
     for name, _ in headers:
@@ -394,7 +401,8 @@ def validate_request(req: Request) -> None:
     """
     h = req.headers
     _check_single_valued(h, SINGLE_VALUED)
-    _ = req.vias  # every Via element must parse (RFC 4475 §3.1.2.1)
+    for via in req.vias:  # every Via element must parse (RFC 4475 §3.1.2.1)
+        _check_via_version(via)
     call_id = req.call_id
     if not call_id or " " in call_id or "\t" in call_id:
         raise ParseError("malformed Call-ID")
@@ -421,7 +429,8 @@ _RESPONSE_SINGLE_VALUED = frozenset(["Call-ID", "CSeq", "From", "To"])
 def validate_response(resp: Response) -> None:
     """Check the fields a proxy reads from a response (RFC 3261 §16.7)."""
     _check_single_valued(resp.headers, _RESPONSE_SINGLE_VALUED)
-    _ = resp.top_via, resp.cseq, resp.call_id, resp.from_, resp.to
+    _check_via_version(resp.top_via)
+    _ = resp.cseq, resp.call_id, resp.from_, resp.to
 
 
 def _has_tag(to_value: str) -> bool:

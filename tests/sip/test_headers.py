@@ -269,7 +269,7 @@ def test_via_with_params_round_trips() -> None:
         "SIP/2.0/UDP",
         "SIP/2.0/UDP ",
         "SIP/2.0 host",
-        "SIP/3.0/UDP host",
+        "SIP//UDP host",
         "SIP/2.0/UDPhost",
         "HTTP/2.0/UDP host",
         "SIP/2.0/ host",
