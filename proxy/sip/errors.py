@@ -63,6 +63,37 @@ class VersionNotSupported(ParseError):
     reason = "Version Not Supported"
 
 
+class InputLimitExceeded(ParseError):
+    """The message is past one of the parser's limits (``message.ParseLimits``).
+
+    RFC 3261 §20 sets none; these are a proxy's bounds on the work one message can cause.
+    Each subclass's reason phrase says which limit, so that the sender can tell.
+    """
+
+
+class TooManyHeaders(InputLimitExceeded):
+    reason = "Too Many Headers"
+
+
+class HeaderLineTooLong(InputLimitExceeded):
+    reason = "Header Line Too Long"
+
+
+class RequestUriTooLong(InputLimitExceeded):
+    """A request line past the header line limit: what makes one long is its URI."""
+
+    status_code = 414
+    reason = "Request-URI Too Long"
+
+
+class TooManyVias(InputLimitExceeded):
+    reason = "Too Many Via Headers"
+
+
+class TooManyRoutes(InputLimitExceeded):
+    reason = "Too Many Route Headers"
+
+
 class UnsupportedUriScheme(SipError):
     status_code = 416
     reason = "Unsupported URI Scheme"

@@ -2,7 +2,9 @@
 
 Content-Length frames each message. Bare CRLFs between messages are keep-alives
 (RFC 5626 §3.5.1): a double CRLF "ping" is answered with a single CRLF "pong".
-Header blocks and bodies are bounded so that a peer cannot make us buffer forever.
+Header blocks and bodies are bounded so that a peer cannot make us buffer forever: a
+message over ``ParseLimits.max_message_bytes`` (the same limit the parser applies to a
+datagram) ends the stream.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 from .errors import MessageTooLarge, ParseError
 from .headers import parse_uint
+from .message import DEFAULT_LIMITS, ParseLimits
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -30,12 +33,19 @@ Event = Frame | Ping
 
 
 class StreamFramer:
+    """Frames of one stream. ``max_message`` defaults to ``limits.max_message_bytes``; the
+    header block is bounded by ``max_header`` and never more than the message."""
+
     def __init__(
-        self, max_header: int = MAX_HEADER_BYTES, max_message: int = MAX_MESSAGE_BYTES
+        self,
+        max_header: int = MAX_HEADER_BYTES,
+        max_message: int | None = None,
+        *,
+        limits: ParseLimits = DEFAULT_LIMITS,
     ) -> None:
         self._buf = bytearray()
-        self._max_header = max_header
-        self._max_message = max_message
+        self._max_message = limits.max_message_bytes if max_message is None else max_message
+        self._max_header = min(max_header, self._max_message)
 
     @property
     def pending(self) -> int:

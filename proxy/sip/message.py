@@ -11,8 +11,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
-from .errors import MessageTooLarge, ParseError, SipError, VersionNotSupported
+from .errors import (
+    HeaderLineTooLong,
+    InputLimitExceeded,
+    MessageTooLarge,
+    ParseError,
+    RequestUriTooLong,
+    SipError,
+    TooManyHeaders,
+    TooManyRoutes,
+    TooManyVias,
+    VersionNotSupported,
+)
 from .grammar import TOKEN_CHARS, WS, first_element, is_token
 from .headers import (
     SINGLE_VALUED,
@@ -29,7 +41,7 @@ from .headers import (
 from .uri import SipUri, Uri, parse_uri
 
 SIP_VERSION = "SIP/2.0"
-MAX_MESSAGE_SIZE = 65535
+MAX_MESSAGE_SIZE = 65535  # the largest UDP payload; no limit may be set above it
 
 REASONS = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
@@ -58,6 +70,66 @@ _DATE_RE = re.compile(
 # Control characters other than HTAB, which no start line may carry (RFC 3261 §25.1).
 _START_LINE_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _METHOD_CHARS = TOKEN_CHARS
+
+
+class LimitSettings(Protocol):
+    """Where the limits come from: ``proxy.config.Config`` has fields of these names."""
+
+    @property
+    def max_message_bytes(self) -> int: ...
+    @property
+    def max_headers(self) -> int: ...
+    @property
+    def max_header_line(self) -> int: ...
+    @property
+    def max_via(self) -> int: ...
+    @property
+    def max_route(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ParseLimits:
+    """Bounds on the work one message can cause; past each, a clear answer (errors.py).
+
+    ``max_message_bytes``: the whole message (513 Message Too Large, RFC 3261 §21.5.14).
+    ``max_headers``: header fields, after unfolding (400 Too Many Headers).
+    ``max_header_line``: characters in one header field after unfolding, name included
+    (400 Header Line Too Long), and in the request line (414 Request-URI Too Long).
+    ``max_via``, ``max_route``: Via and Route *values*, comma-separated ones counted
+    one by one (400 Too Many Via Headers / Too Many Route Headers).
+
+    ``max_via`` defaults to 70, the Max-Forwards a UA starts with (§8.1.1.6): a request
+    that went through that many proxies carries as many Vias, and RFC 4475 §3.1.1.7
+    (longreq), which every element must accept, carries 34.
+    """
+
+    max_message_bytes: int = MAX_MESSAGE_SIZE
+    max_headers: int = 128
+    max_header_line: int = 8192
+    max_via: int = 70
+    max_route: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_bytes", "max_headers", "max_header_line", "max_via",
+                     "max_route"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_message_bytes > MAX_MESSAGE_SIZE:
+            raise ValueError(f"max_message_bytes must not be above {MAX_MESSAGE_SIZE}")
+
+    @classmethod
+    def from_values(cls, settings: LimitSettings) -> ParseLimits:
+        """The limits of the same names in ``settings`` (``ParseLimits.from_values(config)``)."""
+        return cls(
+            max_message_bytes=settings.max_message_bytes,
+            max_headers=settings.max_headers,
+            max_header_line=settings.max_header_line,
+            max_via=settings.max_via,
+            max_route=settings.max_route,
+        )
+
+
+DEFAULT_LIMITS = ParseLimits()
 
 
 class Message:
@@ -240,8 +312,9 @@ class PartialMessage:
 class StartLineError(ParseError):
     """A ParseError raised after the headers were read, so a response can still be built.
 
-    Raised for a bad start line and for a bad Content-Length; ``partial`` holds the
-    headers. The status (and class, for 505) of the underlying error is kept.
+    Raised for a bad start line, a bad Content-Length and a message past a limit;
+    ``partial`` holds the headers, ``cause`` the underlying error, whose status and reason
+    phrase are kept (and class, for the subclasses below).
     """
 
     def __init__(self, cause: ParseError, partial: PartialMessage) -> None:
@@ -249,10 +322,29 @@ class StartLineError(ParseError):
         self.status_code = cause.status_code
         self.reason = cause.reason
         self.partial = partial
+        self.cause = cause
 
 
 class VersionStartLineError(StartLineError, VersionNotSupported):
     """An unsupported SIP version, read with the headers: answered with 505 (§21.5.26)."""
+
+
+class TooLargeStartLineError(StartLineError, MessageTooLarge):
+    """A message over ``max_message_bytes`` whose headers could be read: answered 513."""
+
+
+class LimitStartLineError(StartLineError, InputLimitExceeded):
+    """A message past another limit of :class:`ParseLimits`; ``cause`` says which."""
+
+
+def _answerable(exc: ParseError, partial: PartialMessage) -> StartLineError:
+    if isinstance(exc, VersionNotSupported):
+        return VersionStartLineError(exc, partial)
+    if isinstance(exc, MessageTooLarge):
+        return TooLargeStartLineError(exc, partial)
+    if isinstance(exc, InputLimitExceeded):
+        return LimitStartLineError(exc, partial)
+    return StartLineError(exc, partial)
 
 
 def _is_ascii_upper(text: str, literal: str) -> bool:
@@ -322,26 +414,10 @@ def _parse_start_line(line: str, headers: Headers, body: bytes) -> Request | Res
     return Request(method, uri, headers, body)
 
 
-def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
-    """Parse one SIP message.
-
-    ``data`` is a whole datagram, or one frame cut by :class:`~proxy.sip.framing.StreamFramer`.
-    On a datagram, bytes past Content-Length are discarded (RFC 3261 §18.3); a
-    Content-Length larger than what arrived is an error (RFC 4475 §3.1.2.2). Raises
-    only :class:`ParseError` (and its subclasses): :class:`StartLineError` once the
-    header fields could be read, so that a request can still be answered.
-    """
-    if len(data) > MAX_MESSAGE_SIZE:
-        raise MessageTooLarge("message larger than 64 KiB")
-    # RFC 3261 §7.5: CRLFs before the start line are ignored.
-    start = 0
-    while data.startswith(b"\r\n", start):
-        start += 2
-    end = data.find(b"\r\n\r\n", start)
-    if end < 0:
-        raise ParseError("no end of headers")
+def _read_head(head: bytes) -> tuple[str, str, Headers]:
+    """Start line, header text and header fields of a header block (CRLFCRLF cut off)."""
     try:
-        text = data[start:end].decode("utf-8")
+        text = head.decode("utf-8")
     except UnicodeDecodeError:
         raise ParseError("header block is not UTF-8") from None
     # Lines end with CRLF; a bare CR or LF is neither a line end nor header text
@@ -352,9 +428,74 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     line_end = text.find("\r\n")
     start_line = text if line_end < 0 else text[:line_end]
     header_text = "" if line_end < 0 else text[line_end + 2 :]
-    headers = Headers(_split_header_block(header_text))
-    body = data[end + 4 :]
+    return start_line, header_text, Headers(_split_header_block(header_text))
+
+
+def _values_over(headers: Headers, name: str, limit: int) -> bool:
+    """More than ``limit`` values of the list header ``name``, comma-separated ones counted."""
+    lines = headers.get_all(name)
+    # Lines plus commas bound the count from above; split (quotes, <>) only when needed.
+    if len(lines) + sum(v.count(",") for v in lines) <= limit:
+        return False
+    return len(headers.values(name)) > limit
+
+
+def _check_limits(
+    start_line: str, header_text: str, headers: Headers, is_request: bool, limits: ParseLimits
+) -> None:
+    # Each check first looks at a bound computed on the whole header text (C-speed), so
+    # that an ordinary message pays almost nothing for them.
+    if len(headers) > limits.max_headers:
+        raise TooManyHeaders(f"more than {limits.max_headers} header fields")
+    if len(header_text) > limits.max_header_line and (
+        max(len(n) + len(v) for n, v in headers) + 2 > limits.max_header_line  # name ": " value
+    ):
+        raise HeaderLineTooLong(f"a header field longer than {limits.max_header_line}")
+    if len(start_line) > limits.max_header_line:
+        if is_request:
+            raise RequestUriTooLong(f"request line longer than {limits.max_header_line}")
+        raise ParseError("status line too long")
+    values_bound = len(headers) + header_text.count(",")
+    if values_bound > limits.max_via and _values_over(headers, "Via", limits.max_via):
+        raise TooManyVias(f"more than {limits.max_via} Via values")
+    if values_bound > limits.max_route and _values_over(headers, "Route", limits.max_route):
+        raise TooManyRoutes(f"more than {limits.max_route} Route values")
+
+
+def parse_message(
+    data: bytes, *, stream: bool = False, limits: ParseLimits = DEFAULT_LIMITS
+) -> Request | Response:
+    """Parse one SIP message.
+
+    ``data`` is a whole datagram, or one frame cut by :class:`~proxy.sip.framing.StreamFramer`.
+    On a datagram, bytes past Content-Length are discarded (RFC 3261 §18.3); a
+    Content-Length larger than what arrived is an error (RFC 4475 §3.1.2.2). Raises
+    only :class:`ParseError` (and its subclasses): :class:`StartLineError` once the
+    header fields could be read, so that a request can still be answered; that includes
+    a message past one of ``limits`` (see :class:`ParseLimits`).
+    """
+    oversized = len(data) > limits.max_message_bytes
+    # RFC 3261 §7.5: CRLFs before the start line are ignored.
+    start = 0
+    while data.startswith(b"\r\n", start):
+        start += 2
+    # The header block is looked for within the size limit only, so that an oversized
+    # message costs no more than one that fits: past it, it is refused unread.
+    end = data.find(b"\r\n\r\n", start, limits.max_message_bytes)
     try:
+        if end < 0:
+            raise ParseError("no end of headers")
+        start_line, header_text, headers = _read_head(data[start:end])
+    except ParseError:
+        if oversized:
+            raise MessageTooLarge(f"message over {limits.max_message_bytes} bytes") from None
+        raise
+    body = data[end + 4 :]
+    partial = PartialMessage(headers, not _is_status_line(start_line))
+    try:
+        if oversized:
+            raise MessageTooLarge(f"message over {limits.max_message_bytes} bytes")
+        _check_limits(start_line, header_text, headers, partial.is_request, limits)
         cl_values = headers.get_all("Content-Length")
         if len(cl_values) > 1:
             raise ParseError("more than one Content-Length")  # RFC 4475 §3.3.3
@@ -367,10 +508,7 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
             raise ParseError("Content-Length is required on stream transports")
         return _parse_start_line(start_line, headers, body)
     except ParseError as exc:
-        partial = PartialMessage(headers, not _is_status_line(start_line))
-        if isinstance(exc, VersionNotSupported):
-            raise VersionStartLineError(exc, partial) from None
-        raise StartLineError(exc, partial) from None
+        raise _answerable(exc, partial) from None
 
 
 def _check_via_version(via: Via) -> None:
