@@ -71,14 +71,26 @@ def contact_key(uri_text: str) -> str:
     return str(uri)
 
 
+def _delta_seconds(raw: str, what: str) -> int:
+    """An expiry the phone asked for: delta-seconds (RFC 3261 §25.1), or a 400.
+
+    §10.2.1.1 says malformed values "SHOULD be treated as equivalent to 3600", for RFC
+    2543's absolute dates. We answer 400 instead: a phone that sends ``expires=-1`` or a
+    date learns at once that it was not understood, rather than hold a binding for a time
+    it never asked for. Values past 2**32-1 are delta-seconds, and are capped (§10.2.1.1
+    allows it; so does RFC 4475 §3.1.2.4), then capped again at ``max_expires``.
+    """
+    try:
+        return parse_delta_seconds(raw)
+    except ParseError:
+        raise ParseError(f"malformed {what}") from None
+
+
 def _expires_of(contact: NameAddr, header_expires: int | None, config: RegistrarConfig) -> int:
-    raw = contact.param("expires")
+    # §10.3 step 7: the contact's "expires" parameter, else the Expires header, else ours.
+    raw = contact.param("expires")  # "" when present without a value: malformed too
     if raw is not None:
-        try:
-            return min(parse_delta_seconds(raw), config.max_expires)
-        except ParseError:
-            # RFC 3261 §10.3 step 7 via RFC 4475 §3.1.2.4: a bad value means the default.
-            pass
+        return min(_delta_seconds(raw, "Contact expires parameter"), config.max_expires)
     if header_expires is not None:
         return min(header_expires, config.max_expires)
     return config.default_expires
@@ -163,11 +175,11 @@ def _apply(
     config: RegistrarConfig,
     source: str,
 ) -> list[Binding] | None:
+    header = req.headers.get("Expires")
+    header_expires = None if header is None else _delta_seconds(header, "Expires header")
     contacts = req.contacts
     if not contacts:
         return None  # a query: just list the bindings
-    header = req.headers.get("Expires")
-    header_expires = parse_delta_seconds(header) if header is not None else None
     call_id = req.call_id
     cseq = req.cseq.number
 
