@@ -164,6 +164,8 @@ class Fork:
     487, answer it); ``branches`` are its forwarded copies, one per target, each with our
     Via on top. With ``retry_stale``, a final response ≥300 to be sent while some branch
     looked stale is held (:class:`HoldFinal`) so that the adapter can try fresh targets.
+    ``to_tag`` goes into the To of every response the fork makes itself: the proxy is
+    their UAS, and §8.2.6.2 wants a tag (the server transaction's, so that all agree).
     """
 
     __slots__ = (
@@ -178,6 +180,7 @@ class Fork:
         "_started",
         "_table",
         "_timer_c",
+        "_to_tag",
         "request",
     )
 
@@ -188,6 +191,7 @@ class Fork:
         *,
         timer_c: float,
         retry_stale: bool = False,
+        to_tag: str | None = None,
     ) -> None:
         if not branches:
             raise ValueError("a fork needs at least one branch")
@@ -200,6 +204,7 @@ class Fork:
         self._responses = ResponseContext(len(branches))
         self._timer_c = timer_c
         self._retry_stale = retry_stale
+        self._to_tag = to_tag
         self._deadlines: dict[int, float] = {}  # Timer C of each branch (INVITE only)
         self._cancelled = False
         self._stale = False
@@ -281,7 +286,7 @@ class Fork:
         if held is None:
             return []
         self._held = None
-        return [SendUpstream(make_response(self.request, 487) if self._cancelled else held)]
+        return [SendUpstream(self._own_response(487) if self._cancelled else held)]
 
     def handle_timer(self, now: float) -> list[ForkOutput]:
         """Fire every Timer C due at ``now``; calling it early is harmless."""
@@ -322,7 +327,7 @@ class Fork:
         # cancelled, it is answered 487 (§16.10, §9.2).
         self._saw_stale(index, 408, out)
         status = 487 if self._cancelled else 408
-        decision = self._responses.on_response(index, make_response(self.request, status))
+        decision = self._responses.on_response(index, self._own_response(status))
         self._apply(decision, now, out)
 
     def _saw_stale(self, index: int, status: int, out: list[ForkOutput]) -> None:
@@ -334,7 +339,7 @@ class Fork:
         for response in decision.forward:
             if self._cancelled and response.status == 408:
                 # §16.10: the cancelled request ends with a 487, not our timeout.
-                response = make_response(self.request, 487)
+                response = self._own_response(487)
             # A failure while some target looked stale waits: fresh targets may do better.
             if response.status >= 300 and self._retry_stale and self._stale and not self._cancelled:
                 self._held = response
@@ -359,6 +364,10 @@ class Fork:
                 return
             del self._deadlines[index]
             self._expire(index, _E.TIMER_C, now, out)
+
+    def _own_response(self, status: int) -> Response:
+        """A response the proxy makes itself (408, 487), with our To tag (§8.2.6.2)."""
+        return make_response(self.request, status, to_tag=self._to_tag)
 
     def _branch(self, index: int) -> _Branch:
         if not 0 <= index < len(self._branches):
