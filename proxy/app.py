@@ -103,6 +103,7 @@ async def _log_stats_every(interval: float, site: Site) -> None:
 async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
     stop = _stop_on_signals()
     site = await build_site(config)
+    site.server.transport.guard_resources()  # fd limit up; EMFILE logged once per interval
     admin: AdminServer | None = None
     try:
         await site.start()

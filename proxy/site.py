@@ -44,8 +44,10 @@ from .auth_gate import AuthGate
 from .config import Config
 from .dht_routing import DhtRouter
 from .directory import LocalDirectory
+from .flood import FloodGuard
 from .forker import Forker
 from .location import LocationError, LocationStore
+from .overload import OverloadControl
 from .registrar_service import RegistrarService
 from .resolver import Resolver
 from .router import Router
@@ -276,8 +278,17 @@ async def build_site(
 
         counters = SipCounters()
         transport = TransportLayer(
-            idle_timeout=config.tcp_idle_timeout, partial_timeout=config.tcp_partial_timeout
-        )
+            idle_timeout=config.tcp_idle_timeout, partial_timeout=config.tcp_partial_timeout,
+            flood=FloodGuard(
+                config.flood_max_requests, config.flood_window, config.flood_block_time
+            ),
+            overload=OverloadControl(
+                config.overload_queue_delay, config.max_transactions,
+                lambda: len(transactions.server_txs),  # bound below, called once serving
+            ),
+            counters=counters, max_tcp_per_address=config.max_tcp_per_address,
+            max_tcp_connections=config.max_tcp_connections,
+        )  # fmt: skip
         listen = config.sip_listen
         try:
             port = await transport.start(listen.host, listen.port)

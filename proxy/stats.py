@@ -22,6 +22,18 @@ class SipCounters:
     calls_routed_dht: int = 0
     dht_lookups: int = 0
     dht_retries: int = 0
+    # Edge protection (proxy.flood, proxy.overload, proxy.transport). The flood counters
+    # and the gauges are copied from their owners once a second.
+    flood_blocks: int = 0  # times a source was blocked for sending too fast
+    flood_dropped: int = 0  # messages dropped unanswered from blocked sources
+    flood_blocked: Counter[str] = field(default_factory=Counter)  # blocked now -> dropped
+    overload_rejected: int = 0  # new requests answered 503 under overload
+    overloaded: int = 0  # gauge: 1 during an overload episode
+    queue_delay_ms: int = 0  # gauge: UDP receive queue delay (EWMA)
+    tcp_connections: int = 0  # gauge: open SIP TCP connections
+    tcp_refused: int = 0  # connections reset at once: over a cap, or a blocked source
+    tcp_partial_timeouts: int = 0  # connections closed before completing a message
+    resources_exhausted: int = 0  # out of file descriptors or memory (accept, connect)
 
     def request(self, method: str) -> None:
         self.requests_received[method] += 1
