@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from proxy.location import LocationUnavailable
+from proxy.location import Located, LocationUnavailable
 from proxy.sip.binding import Binding
 from proxy.sip.errors import Forbidden
 
@@ -51,7 +51,7 @@ class Overlay(Protocol):
 
     async def put(self, aor: str, bindings: Sequence[DhtBinding]) -> int: ...
 
-    async def get(self, aor: str) -> tuple[DhtBinding, ...]: ...
+    async def get(self, aor: str, *, tombstones: bool = False) -> tuple[DhtBinding, ...]: ...
 
 
 class TooManyBindings(Forbidden):
@@ -217,16 +217,23 @@ class DhtAdaptor:
         Raises LocationUnavailable (503 to a caller) when the overlay cannot answer
         within ``lookup_timeout``: the DHT's own errors end here.
         """
+        return (await self.locate(aor)).bindings
+
+    async def locate(self, aor: str) -> Located[DhtBinding]:
+        """:meth:`lookup`, and whether the overlay knows the AOR at all (tombstones of
+        bindings that went away count: the user exists, but is not reachable now)."""
         started = time.perf_counter()
         try:
-            found = await asyncio.wait_for(self.overlay.get(aor), self.lookup_timeout)
+            found = await asyncio.wait_for(
+                self.overlay.get(aor, tombstones=True), self.lookup_timeout
+            )
         except (DhtError, TimeoutError) as exc:
             self.stats.gets_failed += 1
             self._observe("get", started, False)
             raise LocationUnavailable(f"DHT lookup of {aor} failed: {exc or 'timed out'}") from exc
         self.stats.gets_ok += 1
         self._observe("get", started, True)
-        return live(found, self.clock())
+        return Located(live(found, self.clock()), known=bool(found))
 
     def watch_latency(self, observer: LatencyObserver) -> None:
         """Call ``observer("put" | "get", seconds, ok)`` after every overlay operation

@@ -360,8 +360,10 @@ class DhtNode:
         log.debug("put %s: %d of %d nodes took it (local: %s)", aor, accepted, len(nodes), local)
         return accepted
 
-    async def get(self, aor: str) -> Bindings:
-        """The live, verified bindings of ``aor`` merged from every close node that answers.
+    async def get(self, aor: str, *, tombstones: bool = False) -> Bindings:
+        """The live, verified bindings of ``aor`` merged from every close node that answers
+        (with ``tombstones``, also the unexpired tombstones: they say the AOR was
+        registered until recently).
 
         Returns () when nobody has any; raises DhtUnavailable only when no node answered
         and the local store holds nothing for the key.
@@ -369,6 +371,8 @@ class DhtNode:
         started = time.perf_counter()
         try:
             result = await self._get(aor)
+            if not tombstones:
+                result = live(result, self._clock())
         except DhtError:
             self._counters.gets_failed += 1
             raise
@@ -402,7 +406,7 @@ class DhtNode:
         merged = merge(local, *found.values(), now=now)
         if merged:
             self._spawn(self._repair(key, merged, closest, found, local, target))
-        return live(merged, now)
+        return merged
 
     def _verified(self, key: bytes, bindings: Bindings) -> Bindings:
         own = tuple(b for b in bindings if dht_key(b.aor) == key)

@@ -122,6 +122,7 @@ async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
         try:
             async with _background(*jobs):
                 await _serve_until(stop, ready)
+                await site.drain(config.shutdown_grace)
         finally:
             log.info("stats: %s", json.dumps(site.stats(), sort_keys=True))
     finally:

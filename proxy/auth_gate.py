@@ -3,17 +3,22 @@
 The gate is on when the site has a users file or any user, and switches on by itself when
 the first user is added (through the admin API); it never switches off again while the
 site runs, so deleting every user does not open registration.
+
+What a guesser sees does not depend on whether a user exists: every challenge offers the
+same algorithms (``digest_algorithms``, in that order), an unknown user and a wrong
+password both get 403 after the same work, and repeated failures block their source for
+a while (:mod:`proxy.lockout`), answered 403 at once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from .lockout import AuthLockout
 from .sip.auth import AuthStatus, DigestAuthenticator, UserRecord
-from .sip.message import Request, make_response
-from .sip.uri import SipUri
+from .sip.message import make_response
 from .stats import SipCounters
 from .transactions import ServerTx, Transactions
 
@@ -40,12 +45,15 @@ class AuthGate:
         transactions: Transactions,
         counters: SipCounters,
         clock: Callable[[], float],
+        algorithms: Sequence[str] = ("MD5",),
+        lockout: AuthLockout | None = None,
         required: bool = False,
     ) -> None:
         """``required``: on from the start even with no users (a users file was given)."""
         self.users = users
         self.realm = realm
-        self.digest = DigestAuthenticator(realm, secret)
+        self.digest = DigestAuthenticator(realm, secret, algorithms=algorithms)
+        self.lockout = lockout or AuthLockout()
         self._transactions = transactions
         self._counters = counters
         self._clock = clock
@@ -77,10 +85,19 @@ class AuthGate:
         """
         req = stx.request
         now = self._clock()
+        source = stx.flow.host
+        respond = self._transactions.respond
+        if self.lockout.blocked(source, "", now):
+            self._refuse(stx, "blocked after failed authentications")
+            return None
         result = self.digest.verify(req, now, self.users.get, proxy=proxy)
         status = result.status
-        respond = self._transactions.respond
+        username = result.username or ""
+        if username and self.lockout.blocked(source, username, now):
+            self._refuse(stx, f"blocked for {username!r} after failed authentications")
+            return None
         if status is AuthStatus.OK:
+            self.lockout.succeeded(source, username)
             if proxy:
                 # §22.3: credentials for our realm are consumed here, not forwarded.
                 req.headers.remove("Proxy-Authorization")
@@ -90,29 +107,27 @@ class AuthGate:
             respond(stx, make_response(req, 400, "Malformed Credentials", to_tag=stx.to_tag))
             return None
         if status is AuthStatus.FAILED:
-            log.warning(
-                "%s %s from %s: authentication failed (%s)",
-                req.method, req.call_id, stx.flow, result.reason,
-            )  # fmt: skip
+            # One INFO line per failure (never the password); a block is a WARNING.
+            log.info("%s %s from %s: authentication of %r failed (%s)",
+                     req.method, req.call_id, stx.flow, username, result.reason)  # fmt: skip
             self._counters.auth_failures += 1
+            block = self.lockout.failed(source, username, now)
+            if block is not None:
+                self._counters.auth_blocks += 1
+                what = f"{block.address} for {block.aor!r}" if block.aor else block.address
+                log.warning("blocking %s for %.0f s after %d failed authentications",
+                            what, block.seconds, block.failures)  # fmt: skip
             respond(stx, make_response(req, 403, "Forbidden", to_tag=stx.to_tag))
             return None
         code = 407 if proxy else 401
         stale = status is AuthStatus.STALE
-        algorithms = self._algorithms(req, proxy)
-        challenge = self.digest.challenge(now, proxy=proxy, stale=stale, algorithms=algorithms)
+        challenge = self.digest.challenge(now, proxy=proxy, stale=stale)
         respond(stx, make_response(req, code, to_tag=stx.to_tag, extra=challenge))
         return None
 
-    def _algorithms(self, req: Request, proxy: bool) -> list[str] | None:
-        """Only the algorithms the user has an HA1 for, or None for all of them.
-
-        A user with only ``ha1_md5`` must not be offered SHA-256 first: an RFC 8760 UA
-        would answer it and be refused, and MD5-only UAs (SIPp) read just the first one.
-        """
-        uri = req.from_.uri if proxy else req.to.uri
-        record = self.users.get(uri.user or "") if isinstance(uri, SipUri) else None
-        if record is None:
-            return None
-        offered = [a for a in self.digest.algorithms if record.ha1_for(a) is not None]
-        return offered or None
+    def _refuse(self, stx: ServerTx, why: str) -> None:
+        """A blocked source: 403 at once, no digest computed (cheaper than the request)."""
+        self._counters.auth_refused += 1
+        req = stx.request
+        log.debug("%s %s from %s refused: %s", req.method, req.call_id, stx.flow, why)
+        self._transactions.respond(stx, make_response(req, 403, "Forbidden", to_tag=stx.to_tag))

@@ -50,8 +50,9 @@ class DhtRoute:
     aor: str
     request_uri: SipUri  # the Request-URI looked up
     ruri: str  # the Request-URI for every home proxy (marked as a relay)
-    homes: tuple[SipUri, ...]  # best q first
+    homes: tuple[SipUri, ...]  # best q first; empty when no other site holds the user
     from_cache: bool
+    known: bool = True  # the overlay knows the AOR (maybe from tombstones only)
 
 
 class DhtRouter:
@@ -63,23 +64,23 @@ class DhtRouter:
         self.cache = LookupCache(cache_ttl)
         self._counters = counters
 
-    async def route(self, aor: str, ruri: SipUri, *, fresh: bool = False) -> DhtRoute | None:
-        """The home proxies of ``aor``'s bindings at other sites, or None when it has none.
+    async def route(self, aor: str, ruri: SipUri, *, fresh: bool = False) -> DhtRoute:
+        """The home proxies of ``aor``'s bindings at other sites (maybe none).
 
         Raises LocationUnavailable when the DHT cannot answer.
         """
         now = self.locator.clock()
         bindings = None if fresh else self.cache.get(aor, now)
         from_cache = bindings is not None
+        known = True
         if bindings is None:
             self._counters.dht_lookups += 1
-            found = await self.locator.lookup(aor)
-            bindings = tuple(b for b in found if b.home != self.home)
+            found = await self.locator.locate(aor)
+            bindings = tuple(b for b in found.bindings if b.home != self.home)
+            known = found.known
             self.cache.put(aor, bindings, now)
         homes = _homes(aor, bindings)
-        if not homes:
-            return None
-        return DhtRoute(aor, ruri, relayed_uri(ruri), homes, from_cache)
+        return DhtRoute(aor, ruri, relayed_uri(ruri), homes, from_cache, known)
 
     def failed(self, aor: str) -> None:
         """A call routed through the DHT failed at a home proxy: forget the entry."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .sip import fork as f
 from .sip.forwarding import DIALOG_CREATING, ProxyIdentity, forward_copy, make_branch
 from .sip.message import Request, Response
+from .sip.tokens import ProxyTokens
 from .transactions import ServerTx, Transactions
 from .transport import Flow
 
@@ -124,10 +125,16 @@ class Forker:
     """Starts forks: builds each branch's request (§16.6) and runs the fork."""
 
     def __init__(
-        self, transactions: Transactions, identity: ProxyIdentity, *, timer_c: float
+        self,
+        transactions: Transactions,
+        identity: ProxyIdentity,
+        tokens: ProxyTokens,
+        *,
+        timer_c: float,
     ) -> None:
         self._transactions = transactions
         self._me = identity
+        self._tokens = tokens
         self._timer_c = timer_c
 
     def start(
@@ -142,12 +149,18 @@ class Forker:
         on_hold: Callable[[ForkRunner], None] | None = None,
     ) -> ForkRunner:
         rr = req.method in DIALOG_CREATING and req.to.tag is None
+        # Our Record-Route carries the dialog's token (in-dialog requests must bring it
+        # back), our branch a MAC of the Via responses return to (see sip/tokens.py).
+        token = self._tokens.dialog(req.call_id, req.from_.tag or "") if rr else None
+        upstream = req.top_via
         branches = [
             forward_copy(
                 req, t.uri, self._me,
-                branch=make_branch(loop_hash, secrets.token_hex(6)),
+                branch=make_branch(
+                    loop_hash, self._tokens.branch_unique(secrets.token_hex(6), upstream)
+                ),
                 out_transport=t.flow.transport, in_transport=stx.flow.transport,
-                record_route=rr, path=t.path,
+                record_route=rr, path=t.path, rr_token=token,
             )
             for t in targets
         ]  # fmt: skip

@@ -16,7 +16,8 @@ Times are wall-clock seconds passed in by the caller, never read here.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from .sip.binding import Binding
 from .sip.errors import ServiceUnavailable
@@ -25,6 +26,7 @@ __all__ = [
     "Binding",
     "BindingPublisher",
     "HomeBinding",
+    "Located",
     "LocationError",
     "LocationStore",
     "LocationUnavailable",
@@ -98,6 +100,17 @@ class HomeBinding(Protocol):
     def is_live(self, now: float) -> bool: ...
 
 
+B = TypeVar("B", bound=HomeBinding, covariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Located(Generic[B]):
+    """What the overlay knows of an AOR."""
+
+    bindings: tuple[B, ...]  # live and verified, from every site
+    known: bool  # the overlay holds a record (maybe only tombstones: registered lately)
+
+
 class RemoteLocator(Protocol):
     """Finds users registered at other sites (the DHT adaptor)."""
 
@@ -108,6 +121,6 @@ class RemoteLocator(Protocol):
 
     def clock(self) -> float: ...
 
-    async def lookup(self, aor: str) -> Sequence[HomeBinding]:
-        """Live, verified bindings of ``aor`` from every site; raises LocationUnavailable."""
+    async def locate(self, aor: str) -> Located[HomeBinding]:
+        """The bindings of ``aor`` from every site; raises LocationUnavailable."""
         ...

@@ -18,7 +18,13 @@ from .directory import LocalDirectory
 from .forker import Forker, ForkRunner, Target
 from .resolver import Resolver, is_ip
 from .sip.binding import Binding
-from .sip.errors import NotFound, SipError, TemporarilyUnavailable, UnsupportedUriScheme
+from .sip.errors import (
+    Forbidden,
+    NotFound,
+    SipError,
+    TemporarilyUnavailable,
+    UnsupportedUriScheme,
+)
 from .sip.forwarding import (
     ProxyIdentity,
     check_loop,
@@ -32,6 +38,7 @@ from .sip.forwarding import (
 from .sip.headers import parse_name_addr
 from .sip.message import Request, Response, make_response
 from .sip.registrar import contact_key
+from .sip.tokens import DIALOG_PARAM, ProxyTokens
 from .sip.uri import SipUri, TelUri, aor_of
 from .stats import SipCounters
 from .transactions import ServerTx, Transactions
@@ -40,8 +47,6 @@ from .transport import Flow
 log = logging.getLogger(__name__)
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, PRACK, UPDATE, INFO, MESSAGE, SUBSCRIBE, NOTIFY, REFER"  # noqa: E501
-# Out-of-dialog requests from a local user that need credentials before we forward them.
-AUTHENTICATED_METHODS = frozenset({"INVITE", "MESSAGE", "SUBSCRIBE", "REFER"})
 
 Send = Callable[[Flow, bytes], None]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
@@ -60,6 +65,7 @@ class Router:
         counters: SipCounters,
         send: Send,
         spawn: Spawn,
+        tokens: ProxyTokens,
         dht: DhtRouter | None = None,
     ) -> None:
         self.me = identity
@@ -72,12 +78,13 @@ class Router:
         self._counters = counters
         self._send = send
         self._spawn = spawn
+        self._tokens = tokens
         self.dht = dht
 
     # --- classification ----------------------------------------------------------------
 
     def serves(self, uri: SipUri) -> bool:
-        host = uri.host.lower()
+        host = uri.host.lower().rstrip(".")
         if host in self.domains or self.me.is_my_address(uri):
             return True
         return not self.domains and not is_ip(host)
@@ -109,35 +116,46 @@ class Router:
     # --- routing -----------------------------------------------------------------------
 
     async def route(self, stx: ServerTx) -> None:
-        """Proxy a request. Raises SipError (the caller answers it)."""
+        """Proxy a request. Raises SipError (the caller answers it).
+
+        The relay policy (what Kamailio configs do by hand): a request goes to a user of
+        a served domain for anyone, but anywhere else only for a caller authenticated as
+        a local user, and only as that user. Which requests need credentials depends on
+        where the request would go, decided here, never on what the caller wrote in From,
+        a To tag or a URI parameter. An in-dialog request is routed on without
+        credentials only when our Record-Route in it carries the dialog's token.
+        """
         req = stx.request
         check_routable(req)
         h = loop_hash(req)
         check_loop(req, self.me, h)
-        preprocess_routes(req, self.me)
+        ours = preprocess_routes(req, self.me)
         in_dialog = req.to.tag is not None
         relayed = is_relayed(req.ruri)
-        # A request relayed by another site's proxy was authenticated there; it can only
-        # reach local bindings here (never the DHT), like any call from outside.
-        if (
-            self._auth.enabled
-            and not in_dialog
-            and not relayed
-            and req.method in AUTHENTICATED_METHODS
-            and self._from_local_user(req)
-            and self._auth.authenticate(stx, proxy=True) is None
-        ):
-            return
         hop = next_hop_uri(req)
-        if hop is not None:
-            self._forker.start(stx, req, h, [Target(None, await self._resolver.resolve(hop))])
-            return
         ruri = req.ruri
         if isinstance(ruri, TelUri) and self.domains:
             ruri = SipUri("sip", ruri.number, self.domains[0])
         if not isinstance(ruri, SipUri):
             raise NotFound("no route for a non-SIP Request-URI")
-        if in_dialog or not ruri.user or not self.serves(ruri):
+        to_user = not in_dialog and hop is None and ruri.user is not None and self.serves(ruri)
+        if in_dialog:
+            vouched = self._dialog_vouched(req, ours) or self._reaches_our_phone(hop, ruri)
+            user = None if vouched else self._local_user(stx, relay=True)
+        elif to_user:
+            # Anyone may call a user here; one who claims to be a local user (or offers
+            # credentials) proves it. A request relayed by another site was checked there.
+            claims = self._auth.enabled and not relayed and self._claims_local(req)
+            user = self._local_user(stx, relay=False) if claims else None
+        else:
+            user = self._local_user(stx, relay=True)
+        if user is False:
+            return  # challenged or refused
+        self._assert_identity(req, user if isinstance(user, str) else None, relayed)
+        if hop is not None:
+            self._forker.start(stx, req, h, [Target(None, await self._resolver.resolve(hop))])
+            return
+        if not to_user:
             self._forker.start(stx, req, h, [Target(None, await self.flow_for_uri(ruri))])
             return
         aor = aor_of(ruri)
@@ -148,20 +166,79 @@ class Router:
                      len(targets))  # fmt: skip
             self._forker.start(stx, req, h, targets)
             return
+        known = self._directory.is_known(aor)
         if self.dht is not None and not relayed:
             # Local bindings win; with none, the DHT may know the user's home proxies.
             found = await self.dht.route(aor, ruri)
-            dht_targets = await self._dht_targets(found) if found is not None else []
-            if found is not None and dht_targets:
+            dht_targets = await self._dht_targets(found)
+            if dht_targets:
                 self._counters.calls_routed_dht += 1
                 log.info("%s %s to %s: through the DHT to %s%s", req.method, req.call_id,
                          aor, ", ".join(str(t.flow) for t in dht_targets),
                          " (cached)" if found.from_cache else "")  # fmt: skip
                 self._fork_dht(stx, h, found, dht_targets)
                 return
-        if self._directory.is_known(aor):
+            known = known or found.known
+        if known and (isinstance(user, str) or not self._auth.enabled):
+            # Only local users learn that the user exists but is not reachable now (on
+            # a site without users, where anyone may register, every caller is one).
             raise TemporarilyUnavailable(f"{aor} has no live binding")
-        raise NotFound(f"{aor} is not registered")
+        # Everyone else gets one answer for "no such user" and "not reachable now".
+        raise NotFound(f"{aor} is not reachable" if known else f"{aor} is not registered")
+
+    def _local_user(self, stx: ServerTx, *, relay: bool) -> str | bool:
+        """The authenticated local user; False after answering (challenge or refusal).
+
+        ``relay``: the request goes elsewhere, which only local users may make us do.
+        """
+        if not self._auth.enabled:
+            if not relay:
+                return True
+            self._counters.relay_denied += 1
+            raise Forbidden("relaying denied: no user can authenticate here")
+        user = self._auth.authenticate(stx, proxy=True)
+        return False if user is None else user
+
+    def _dialog_vouched(self, req: Request, ours: list[SipUri]) -> bool:
+        """Was this in-dialog request routed to us through our own Record-Route?"""
+        tags = (req.from_.tag, req.to.tag)
+        return any(self._tokens.dialog_ok(u.param(DIALOG_PARAM), req.call_id, tags) for u in ours)
+
+    def _reaches_our_phone(self, hop: SipUri | None, ruri: SipUri) -> bool:
+        """An in-dialog request straight to a phone registered here (no Route left)."""
+        if hop is not None:
+            return False
+        text = str(ruri)
+        return (
+            self._directory.flow_of(text) or self._directory.flow_of(contact_key(text))
+        ) is not None
+
+    def _claims_local(self, req: Request) -> bool:
+        """Does the request claim a local caller (From in a served domain or naming this
+        proxy's host), or offer credentials for our realm?"""
+        if "Proxy-Authorization" in req.headers:
+            return True
+        uri = req.from_.uri
+        if not isinstance(uri, SipUri):
+            return False
+        return self.serves(uri) or uri.host.strip("[]").lower().rstrip(".") == self.me.host.lower()
+
+    def _assert_identity(self, req: Request, user: str | None, relayed: bool) -> None:
+        """RFC 3325: P-Asserted-Identity is ours to write. An authenticated user must be
+        who From says (403 otherwise) and is asserted; from anyone else it is removed.
+        (A relay from another site keeps what that site asserted.)"""
+        if user is None:
+            if not relayed:
+                req.headers.remove("P-Asserted-Identity")
+            return
+        uri = req.from_.uri
+        if not (isinstance(uri, SipUri) and uri.user == user and self.serves(uri)):
+            self._counters.identity_mismatch += 1
+            raise Forbidden(f"{user!r} may not send as {req.from_.uri}")
+        req.headers.remove("P-Asserted-Identity")
+        req.headers.remove("P-Preferred-Identity")
+        req.headers.add("P-Asserted-Identity", f"<sip:{user}@{uri.host.lower().rstrip('.')}>")
+        req.invalidate()
 
     async def _local_targets(self, aor: str, stx: ServerTx) -> list[Target]:
         bindings = await self._directory.lookup(aor)
@@ -233,10 +310,6 @@ class Router:
                 return
         runner.release()
 
-    def _from_local_user(self, req: Request) -> bool:
-        uri = req.from_.uri
-        return isinstance(uri, SipUri) and self.serves(uri)
-
     async def flow_for_uri(self, uri: SipUri) -> Flow:
         source = self._directory.flow_of(str(uri)) or self._directory.flow_of(contact_key(str(uri)))
         return await self._resolver.via_flow(source, uri)
@@ -250,15 +323,20 @@ class Router:
     async def _forward_ack(self, req: Request, flow: Flow) -> None:
         try:
             check_routable(req)
-            preprocess_routes(req, self.me)
+            ours = preprocess_routes(req, self.me)
             hop = next_hop_uri(req)
             ruri = req.ruri
-            if hop is not None:
-                dest = await self._resolver.resolve(hop)
-            elif isinstance(ruri, SipUri):
-                dest = await self.flow_for_uri(ruri)
-            else:
+            if not isinstance(ruri, SipUri):
                 return
+            if not (self._dialog_vouched(req, ours) or self._reaches_our_phone(hop, ruri)):
+                # Not a dialog we record-routed: an ACK is never answered, so drop it.
+                log.debug("dropping ACK %s: not for a dialog through this proxy", req.call_id)
+                return
+            dest = (
+                await self._resolver.resolve(hop)
+                if hop is not None
+                else (await self.flow_for_uri(ruri))
+            )
         except SipError as exc:
             log.debug("dropping ACK %s: %s", req.call_id, exc)
             return
@@ -272,11 +350,18 @@ class Router:
         self._send(dest, fwd.to_bytes())
 
     def forward_stray_response(self, resp: Response) -> None:
+        """RFC 3261 §16.7 step 5: a 2xx to an INVITE whose client transaction has ended
+        (a retransmission, or another branch's answer) still goes upstream. Only a 2xx
+        to an INVITE, and only along a Via our branch vouches for: anything else that
+        names us on top is made up, and would make us send packets anywhere."""
+        if resp.cseq.method != "INVITE" or not 200 <= resp.status < 300:
+            return
         top = resp.top_via
         if top.host.lower() != self.me.host.lower() or (top.port or 5060) != self.me.port:
             return
         vias = resp.vias
-        if len(vias) < 2:
+        if len(vias) < 2 or not self._tokens.branch_ok(top.branch, vias[1]):
+            log.debug("dropping a stray %d: not a branch of ours", resp.status)
             return
         fwd = resp.copy()
         fwd.headers.pop_first_value("Via")

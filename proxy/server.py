@@ -16,7 +16,7 @@ import logging
 from .registrar_service import RegistrarService
 from .router import Router
 from .sip import transaction as tx
-from .sip.errors import ParseError, SipError
+from .sip.errors import ParseError, ServiceUnavailable, SipError
 from .sip.forwarding import received_params
 from .sip.message import (
     PartialMessage,
@@ -54,10 +54,24 @@ class SipServer:
         self.router = router
         self.counters = counters
         self._tasks = tasks
+        self._draining = False
 
     def serve(self) -> None:
         """Start handling what the (bound) transport receives."""
         self.transport.serve(self.on_message)
+
+    def drain(self) -> int:
+        """Shutting down: refuse new out-of-dialog requests (503 with Retry-After, so
+        phones try again elsewhere or later), keep serving dialogs and responses, and
+        cancel every call still ringing (its callees get a CANCEL, its caller the final
+        response). Returns how many calls were cancelled."""
+        self._draining = True
+        cancelled = 0
+        for stx in list(self.transactions.server_txs.values()):
+            if stx.on_cancel is not None and stx.txn.state is tx.ServerState.PROCEEDING:
+                stx.on_cancel()
+                cancelled += 1
+        return cancelled
 
     async def close(self) -> None:
         await self._tasks.close()
@@ -111,6 +125,9 @@ class SipServer:
             return
         key = tx.server_key(req)
         if self.transactions.absorb(req, key):
+            return
+        if self._draining and req.to.tag is None and req.method not in ("ACK", "CANCEL"):
+            self.transactions.send_stateless(req, flow, ServiceUnavailable("shutting down"))
             return
         if req.method == "ACK":
             self.router.forward_ack(req, flow)

@@ -47,6 +47,7 @@ from .directory import LocalDirectory
 from .flood import FloodGuard
 from .forker import Forker
 from .location import LocationError, LocationStore
+from .lockout import AuthLockout
 from .overload import OverloadControl
 from .registrar_service import RegistrarService
 from .resolver import Resolver
@@ -55,6 +56,7 @@ from .server import SipServer
 from .sip.forwarding import ProxyIdentity
 from .sip.registrar import RegistrarConfig
 from .sip.timers import TimerConfig
+from .sip.tokens import ProxyTokens
 from .stats import SipCounters
 from .tasks import Tasks
 from .transactions import TransactionLayer
@@ -256,6 +258,23 @@ class Site:
         out["dht_cache_hit_rate"] = round(cache.hit_rate, 4)
         return out
 
+    async def drain(self, grace: float) -> None:
+        """Stop taking new requests and give those in flight up to ``grace`` seconds
+        (ringing calls are cancelled; queued DHT writes get the time left)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        cancelled = self.server.drain()
+        busy = self.server.transactions.busy()
+        log.info("draining: %d transaction(s) in flight, %d ringing call(s) cancelled",
+                 busy, cancelled)  # fmt: skip
+        while self.server.transactions.busy() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.adaptor.backlog:
+            await self.adaptor.flush(max(0.0, deadline - loop.time()))
+        left = self.server.transactions.busy()
+        if left:
+            log.warning("stopping with %d transaction(s) unfinished after %.1f s", left, grace)
+
     async def close(self) -> None:
         await self._closing.aclose()
 
@@ -312,9 +331,16 @@ async def build_site(
         timers = TimerConfig(t1=config.t1, t2=config.t2, t4=config.t4, timer_c=config.timer_c)
         transactions = TransactionLayer(transport, timers, counters)
         tasks = Tasks("request task")
+        secret = nonce_secret(config.data_dir)
+        tokens = ProxyTokens(secret)
         auth = AuthGate(
-            users, users.realm, nonce_secret(config.data_dir),
+            users, users.realm, secret,
             transactions=transactions, counters=counters, clock=clock,
+            algorithms=config.digest_algorithms,
+            lockout=AuthLockout(
+                config.auth_max_failures, config.auth_failure_window,
+                config.auth_block_time, config.auth_block_max,
+            ),
             required=config.users_file is not None,
         )  # fmt: skip
         directory = LocalDirectory(store, users, clock)
@@ -331,8 +357,8 @@ async def build_site(
         router = Router(
             identity=me, transactions=transactions, directory=directory, auth=auth,
             resolver=make_resolver(transport.has_connection),
-            forker=Forker(transactions, me, timer_c=timers.timer_c),
-            counters=counters, send=transport.send, spawn=tasks.spawn, dht=dht,
+            forker=Forker(transactions, me, tokens, timer_c=timers.timer_c),
+            counters=counters, send=transport.send, spawn=tasks.spawn, tokens=tokens, dht=dht,
         )  # fmt: skip
         server = SipServer(
             transport, transactions,

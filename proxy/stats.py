@@ -18,6 +18,10 @@ class SipCounters:
     parse_errors: int = 0
     registers_ok: int = 0
     auth_failures: int = 0
+    auth_blocks: int = 0  # sources (or source and AOR) blocked for failed authentications
+    auth_refused: int = 0  # requests refused while their source was blocked
+    relay_denied: int = 0  # requests to elsewhere refused (not an authenticated local user)
+    identity_mismatch: int = 0  # authenticated users naming someone else in From
     calls_routed_local: int = 0
     calls_routed_dht: int = 0
     dht_lookups: int = 0

@@ -111,6 +111,15 @@ class TransactionLayer:
         """Monotonic time for transaction timers."""
         return asyncio.get_running_loop().time()
 
+    def busy(self) -> int:
+        """Transactions still waiting for an answer (not those only absorbing
+        retransmissions in Completed or Confirmed)."""
+        live_server = (tx.ServerState.TRYING, tx.ServerState.PROCEEDING)
+        live_client = (tx.ClientState.CALLING, tx.ClientState.TRYING, tx.ClientState.PROCEEDING)
+        return sum(s.txn.state in live_server for s in self.server_txs.values()) + sum(
+            c.txn.state in live_client for c in self.client_txs.values()
+        )
+
     def close(self) -> None:
         for s in self.server_txs.values():
             if s.timer:

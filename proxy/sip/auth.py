@@ -470,14 +470,14 @@ class DigestAuthenticator:
             return AuthResult(AuthStatus.MALFORMED, username, "digest-uri is not the Request-URI")
 
         user = lookup(username)
-        if user is None:
-            return AuthResult(AuthStatus.FAILED, username, "unknown user")
-        stored = user.ha1_for(algorithm)
-        if stored is None:
-            return AuthResult(AuthStatus.FAILED, username, f"no {algorithm} HA1 for the user")
+        stored = user.ha1_for(algorithm) if user is not None else None
+        # An unknown user (or one without this algorithm's HA1) costs the same digest as
+        # a wrong password and gets the same answer: neither may tell a guesser which
+        # usernames exist (timing included).
+        ha1_hex = stored.lower() if stored is not None else self._decoy_ha1(username, hash_name)
         expected = digest_response(
             algorithm=algorithm,
-            ha1_hex=stored.lower(),
+            ha1_hex=ha1_hex,
             nonce=nonce,
             method=request.method,
             uri=uri,
@@ -487,9 +487,14 @@ class DigestAuthenticator:
             body=request.body,
         )
         given = response.lower()
-        if len(given) != _HEX_LEN[hash_name] or not hmac.compare_digest(
+        matches = len(given) == _HEX_LEN[hash_name] and hmac.compare_digest(
             _bytes(given), _bytes(expected)
-        ):
+        )
+        if user is None:
+            return AuthResult(AuthStatus.FAILED, username, "unknown user")
+        if stored is None:
+            return AuthResult(AuthStatus.FAILED, username, f"no {algorithm} HA1 for the user")
+        if not matches:
             return AuthResult(AuthStatus.FAILED, username, "wrong response")
 
         # RFC 2617 §3.2.1: stale only when the digest is right for the nonce it names.
@@ -499,6 +504,11 @@ class DigestAuthenticator:
         if nc is not None and cnonce is not None and self._replayed(nonce, cnonce, int(nc, 16)):
             return AuthResult(AuthStatus.STALE, username, "nonce-count replayed")
         return AuthResult(AuthStatus.OK, username)
+
+    def _decoy_ha1(self, username: str, hash_name: str) -> str:
+        """A stand-in HA1 for a user we do not have: stable, secret, of the right size."""
+        decoy = hmac.new(self._secret, _bytes(f"decoy:{username}:{self.realm}"), hash_name)
+        return decoy.hexdigest()[: _HEX_LEN[hash_name]]
 
     def _replayed(self, nonce: str, cnonce: str, count: int) -> bool:
         """Record ``count`` for (nonce, cnonce); True if it does not exceed the last one.

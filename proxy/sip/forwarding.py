@@ -14,6 +14,7 @@ from .errors import BadExtension, LoopDetected, TooManyHops, UnsupportedUriSchem
 from .grammar import get_param, split_commas
 from .headers import parse_name_addr
 from .message import Request
+from .tokens import DIALOG_PARAM
 from .uri import SipUri, TelUri
 
 MAGIC_COOKIE = "z9hG4bK"
@@ -46,9 +47,10 @@ class ProxyIdentity:
     def serves(self, uri: SipUri) -> bool:
         return uri.host.lower() in self.domains or self.is_me(uri)
 
-    def rr_uri(self, transport: str) -> str:
+    def rr_uri(self, transport: str, token: str | None = None) -> str:
         t = "" if transport == "udp" else f";transport={transport}"
-        return f"<sip:{self.host}:{self.port}{t};lr>"
+        d = f";{DIALOG_PARAM}={token}" if token else ""
+        return f"<sip:{self.host}:{self.port}{t};lr{d}>"
 
     def via(self, transport: str, branch: str) -> str:
         return f"SIP/2.0/{transport.upper()} {self.host}:{self.port};branch={branch};rport"
@@ -101,8 +103,10 @@ def make_branch(hash_: str, unique: str) -> str:
     return f"{MAGIC_COOKIE}-{hash_}-{unique}"
 
 
-def preprocess_routes(req: Request, me: ProxyIdentity) -> None:
-    """§16.4: undo a strict router's rewrite, then pop the Route entries naming us."""
+def preprocess_routes(req: Request, me: ProxyIdentity) -> list[SipUri]:
+    """§16.4: undo a strict router's rewrite, then pop the Route entries naming us.
+
+    Returns the popped entries (our own Record-Route URIs, with their parameters)."""
     ruri = req.ruri
     if isinstance(ruri, SipUri) and me.is_my_address(ruri) and "Route" in req.headers:
         # The previous hop was a strict router: the real target is the last Route.
@@ -114,6 +118,7 @@ def preprocess_routes(req: Request, me: ProxyIdentity) -> None:
         for r in rebuilt:
             req.headers.add("Route", r)
         req.invalidate()
+    popped: list[SipUri] = []
     while True:
         first = req.headers.get("Route")
         if first is None:
@@ -121,8 +126,10 @@ def preprocess_routes(req: Request, me: ProxyIdentity) -> None:
         top = parse_name_addr(_first_element(first)).uri
         if isinstance(top, SipUri) and me.is_my_address(top):
             req.headers.pop_first_value("Route")
+            popped.append(top)
         else:
             break
+    return popped
 
 
 def _first_element(value: str) -> str:
@@ -148,6 +155,7 @@ def forward_copy(
     in_transport: str,
     record_route: bool,
     path: tuple[str, ...] = (),
+    rr_token: str | None = None,
 ) -> Request:
     """§16.6: the request sent to one target.
 
@@ -165,8 +173,8 @@ def forward_copy(
         # Two entries when the transport changes between the legs, so that each side
         # reaches us over its own transport ("double Record-Route").
         if in_transport != out_transport:
-            fwd.headers.insert_before_first("Record-Route", me.rr_uri(in_transport))
-        fwd.headers.insert_before_first("Record-Route", me.rr_uri(out_transport))
+            fwd.headers.insert_before_first("Record-Route", me.rr_uri(in_transport, rr_token))
+        fwd.headers.insert_before_first("Record-Route", me.rr_uri(out_transport, rr_token))
     fwd.headers.insert_before_first("Via", me.via(out_transport, branch))
     return fwd
 

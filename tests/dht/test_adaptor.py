@@ -14,7 +14,7 @@ import pytest
 from dht_adaptor.adaptor import DhtAdaptor, TooManyBindings
 from dht_adaptor.keys import SiteKey, TrustStore
 from dht_adaptor.node import DhtUnavailable
-from dht_adaptor.record import DhtBinding, encode_record, merge
+from dht_adaptor.record import DhtBinding, encode_record, live, merge
 from proxy.sip.binding import Binding
 
 AOR = "sip:alice@example.com"
@@ -53,8 +53,9 @@ class MemoryOverlay:
         self.records[aor] = merge(self.records.get(aor, ()), verified, now=self.clock())
         return 1
 
-    async def get(self, aor: str) -> tuple[DhtBinding, ...]:
-        return self.records.get(aor, ())
+    async def get(self, aor: str, *, tombstones: bool = False) -> tuple[DhtBinding, ...]:
+        found = self.records.get(aor, ())
+        return found if tombstones else live(found, self.clock())
 
 
 def binding(contact: str, expires_at: float, **kw: object) -> Binding:
