@@ -1,10 +1,11 @@
 """SIP requests and responses: parse from bytes, serialize to bytes (RFC 3261 §7).
 
 ``parse_message`` does the framing work every message needs (start line, header
-lines, unfolding, Content-Length) and nothing more; the typed views (``top_via``,
-``cseq``, ``from_``...) parse their header on first use and cache it. ``validate``
-checks what RFC 3261 §8.2 and §16.3 require before a request is processed; a
-proxy calls it once per request.
+lines, unfolding, Content-Length) and nothing more, within the bounds of
+:class:`ParseLimits` (size, header count and length, Via and Route depth); the typed
+views (``top_via``, ``cseq``, ``from_``...) parse their header on first use and cache
+it. ``validate`` checks what RFC 3261 §8.2 and §16.3 require before a request is
+processed; a proxy calls it once per request.
 """
 
 from __future__ import annotations
