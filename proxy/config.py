@@ -121,7 +121,7 @@ class Config:
     max_message_bytes: int = 65535
     max_headers: int = 128
     max_header_line: int = 8192
-    max_via: int = 32
+    max_via: int = 70  # the Max-Forwards a UA starts with; RFC 4475's longreq has 34
     max_route: int = 32
     # SIGTERM: how long transactions in flight get to finish before the process exits.
     shutdown_grace: float = 10.0

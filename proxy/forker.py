@@ -164,7 +164,9 @@ class Forker:
             )
             for t in targets
         ]  # fmt: skip
-        fork = f.Fork(req, branches, timer_c=self._timer_c, retry_stale=retry_stale)
+        fork = f.Fork(
+            req, branches, timer_c=self._timer_c, retry_stale=retry_stale, to_tag=stx.to_tag
+        )
         runner = ForkRunner(
             self._transactions, stx, fork, [t.flow for t in targets],
             on_stale=on_stale, on_hold=on_hold,

@@ -19,6 +19,8 @@ from .sip import transaction as tx
 from .sip.errors import ParseError, ServiceUnavailable, SipError
 from .sip.forwarding import received_params
 from .sip.message import (
+    DEFAULT_LIMITS,
+    ParseLimits,
     PartialMessage,
     Request,
     Response,
@@ -47,8 +49,10 @@ class SipServer:
         router: Router,
         counters: SipCounters,
         tasks: Tasks,
+        limits: ParseLimits = DEFAULT_LIMITS,
     ) -> None:
         self.transport = transport
+        self.limits = limits
         self.transactions = transactions
         self.registrar = registrar
         self.router = router
@@ -82,7 +86,7 @@ class SipServer:
 
     def on_message(self, data: bytes, flow: Flow) -> None:
         try:
-            msg = parse_message(data, stream=flow.reliable)
+            msg = parse_message(data, stream=flow.reliable, limits=self.limits)
         except StartLineError as exc:
             self._reject_unparsable(exc, exc.partial, flow)
             return
@@ -104,8 +108,11 @@ class SipServer:
             cseq = partial.headers.get("CSeq") or ""
             if cseq.split()[-1:] == ["ACK"]:
                 return  # never answer an ACK (RFC 3261 §17.2.1)
-            resp = error_response(partial, exc)
+            # RFC 3581: note where it came from, so that the answer goes to the port it
+            # came from (most phones ask with ;rport), not to the Via's sent-by.
             probe = Request("X", "sip:x", partial.headers)
+            received_params(probe, flow.host, flow.port)
+            resp = error_response(partial, exc)
             self.transport.send(reply_flow_for(probe, flow), resp.to_bytes())
         except (ParseError, IndexError):
             log.debug("cannot answer malformed request from %s: %s", flow, exc)

@@ -54,6 +54,7 @@ from .resolver import Resolver
 from .router import Router
 from .server import SipServer
 from .sip.forwarding import ProxyIdentity
+from .sip.message import ParseLimits
 from .sip.registrar import RegistrarConfig
 from .sip.timers import TimerConfig
 from .sip.tokens import ProxyTokens
@@ -363,6 +364,7 @@ async def build_site(
         server = SipServer(
             transport, transactions,
             registrar=registrar, router=router, counters=counters, tasks=tasks,
+            limits=ParseLimits.from_values(config),
         )  # fmt: skip
         stack.push_async_callback(server.close)
 

@@ -21,14 +21,6 @@ from proxy.site import Site, build_site
 HOST = "127.0.0.1"
 WAIT = 2.0
 
-# server.py answers a StartLineError at the top Via's sent-by: it does not add received
-# and rport (RFC 3581 §4) as it does for requests that parse, so with ";rport" the answer
-# goes to sent-by, where no phone listens. The fix is in SipServer._reject_unparsable.
-NEEDS_RPORT_IN_SERVER = pytest.mark.xfail(
-    strict=True, reason="server.py: _reject_unparsable ignores rport/received (RFC 3581)"
-)
-
-
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
     config = Config(
@@ -87,7 +79,6 @@ async def test_answered_at_sent_by(site: Site, version: str, length: int, expect
     assert await status_line(site, version, length, rport=False) == expected
 
 
-@NEEDS_RPORT_IN_SERVER
 @pytest.mark.parametrize(("version", "length", "expected"), CASES)
 async def test_answered_at_the_source_with_rport(
     site: Site, version: str, length: int, expected: bytes
