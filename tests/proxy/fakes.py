@@ -6,6 +6,7 @@ no Redis, and a clock the test moves.
   transaction a handler started.
 * :class:`FakePublisher` and :class:`FakeLocator` stand in for the DHT adaptor.
 * :class:`FakeResolver` turns URIs into flows without DNS.
+* :class:`FakeUsers` is the users file, :class:`ManualClock` the wall clock.
 * :class:`FakeSender` is the transport under a real ``TransactionLayer``.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dht_adaptor.location import MemoryStore
-from proxy.location import LocationError, LocationUnavailable
+from proxy.location import Located, LocationError, LocationUnavailable
 from proxy.resolver import is_ip
 from proxy.sip import transaction as tx
 from proxy.sip.auth import UserRecord
@@ -30,6 +31,7 @@ from proxy.sip.grammar import quote, split_commas, unquote
 from proxy.sip.headers import parse_name_addr
 from proxy.sip.message import Request, Response, make_response, parse_message
 from proxy.sip.timers import TimerConfig
+from proxy.sip.tokens import ProxyTokens
 from proxy.sip.uri import SipUri
 from proxy.transactions import ClientTx, ServerTx, reply_flow_for
 from proxy.transport import Flow
@@ -39,6 +41,7 @@ ME = ProxyIdentity("203.0.113.5", 5060, (REALM,))
 HOME = "sip:203.0.113.5:5060"  # this site's home proxy URI (proxy.site.home_uri(ME))
 PHONE = Flow("udp", "192.0.2.10", 5060)
 TIMERS = TimerConfig()
+TOKENS = ProxyTokens(b"t" * 32)  # the site's MACs in Record-Route and Via branches
 T0 = 1_700_000_000.0  # wall-clock start of every manual clock
 
 
@@ -233,7 +236,8 @@ class HomeRecord:
 
 
 class FakeLocator:
-    """The DHT adaptor as the DHT router sees it: canned bindings per AOR."""
+    """The DHT adaptor as the DHT router sees it: canned records per AOR. A record whose
+    bindings all expired still says the user exists (the overlay's tombstones)."""
 
     def __init__(self, clock: Callable[[], float], home: str = HOME) -> None:
         self._clock = clock
@@ -249,14 +253,15 @@ class FakeLocator:
     def clock(self) -> float:
         return self._clock()
 
-    async def lookup(self, aor: str) -> Sequence[HomeRecord]:
+    async def locate(self, aor: str) -> Located[HomeRecord]:
         self.lookups.append(aor)
         await asyncio.sleep(0)
         if self.failure is not None:
             raise self.failure
         # Like the adaptor: only live bindings (the overlay lets the others expire).
         now = self._clock()
-        return [b for b in self.bindings.get(aor, ()) if b.is_live(now)]
+        records = self.bindings.get(aor, [])
+        return Located(tuple(b for b in records if b.is_live(now)), known=bool(records))
 
 
 # --- resolver and transport ----------------------------------------------------------------

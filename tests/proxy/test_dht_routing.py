@@ -41,8 +41,8 @@ async def test_one_target_per_home_best_q_first() -> None:
         HomeRecord(SITE_B, q=0.9),  # the home's best binding decides its place
     ]
     found = await router.route(BOB, RURI)
-    assert found is not None
     assert [str(h) for h in found.homes] == [SITE_B, SITE_C]
+    assert found.known
     assert found.aor == BOB
     assert found.request_uri == RURI
     assert found.ruri == "sip:bob@example.com;p2psip=home"
@@ -54,22 +54,34 @@ async def test_our_own_home_is_dropped() -> None:
     router, locator, _, _ = dht_router()
     locator.bindings[BOB] = [HomeRecord(HOME, q=1.0), HomeRecord(SITE_B, q=0.1)]
     found = await router.route(BOB, RURI)
-    assert found is not None
     assert [str(h) for h in found.homes] == [SITE_B]
 
 
-async def test_nothing_left_is_none() -> None:
+async def test_a_user_no_site_holds_has_no_homes_and_is_unknown() -> None:
+    router, _, _, _ = dht_router()
+    found = await router.route(BOB, RURI)
+    assert (found.homes, found.known) == ((), False)
+
+
+async def test_a_user_held_only_here_has_no_homes_but_is_known() -> None:
     router, locator, _, _ = dht_router()
-    assert await router.route(BOB, RURI) is None
     locator.bindings[BOB] = [HomeRecord(HOME)]
-    assert await router.route(BOB, RURI) is None
+    found = await router.route(BOB, RURI)
+    assert (found.homes, found.known) == ((), True)
+
+
+async def test_a_user_whose_bindings_all_went_away_is_known() -> None:
+    # Tombstones: the user registered lately, so "not reachable now", not "no such user".
+    router, locator, _, clock = dht_router()
+    locator.bindings[BOB] = [HomeRecord(SITE_B, expires_at=clock() - 1)]
+    found = await router.route(BOB, RURI)
+    assert (found.homes, found.known) == ((), True)
 
 
 async def test_the_relay_mark_replaces_one_already_there() -> None:
     router, locator, _, _ = dht_router()
     locator.bindings[BOB] = [HomeRecord(SITE_B)]
     found = await router.route(BOB, sip_uri("sip:bob@example.com;p2psip=other;user=phone"))
-    assert found is not None
     assert found.ruri == "sip:bob@example.com;user=phone;p2psip=home"
 
 
@@ -78,14 +90,13 @@ async def test_a_home_that_is_not_a_sip_uri_is_skipped(home: str) -> None:
     router, locator, _, _ = dht_router()
     locator.bindings[BOB] = [HomeRecord(home, q=1.0), HomeRecord(SITE_B, q=0.5)]
     found = await router.route(BOB, RURI)
-    assert found is not None
     assert [str(h) for h in found.homes] == [SITE_B]
 
 
-async def test_only_bad_homes_is_none() -> None:
+async def test_only_bad_homes_is_no_home() -> None:
     router, locator, _, _ = dht_router()
     locator.bindings[BOB] = [HomeRecord("tel:+15551234")]
-    assert await router.route(BOB, RURI) is None
+    assert (await router.route(BOB, RURI)).homes == ()
 
 
 async def test_a_second_route_is_a_cache_hit() -> None:
@@ -94,7 +105,6 @@ async def test_a_second_route_is_a_cache_hit() -> None:
     await router.route(BOB, RURI)
     locator.bindings[BOB] = [HomeRecord(SITE_C)]  # moved; the cache does not know yet
     found = await router.route(BOB, RURI)
-    assert found is not None
     assert found.from_cache
     assert [str(h) for h in found.homes] == [SITE_B]
     assert locator.lookups == [BOB]
@@ -108,13 +118,12 @@ async def test_fresh_bypasses_the_cache() -> None:
     await router.route(BOB, RURI)
     locator.bindings[BOB] = [HomeRecord(SITE_C)]
     found = await router.route(BOB, RURI, fresh=True)
-    assert found is not None
     assert not found.from_cache
     assert [str(h) for h in found.homes] == [SITE_C]
     assert counters.dht_lookups == 2
     # ... and what it found is what the next call uses.
     again = await router.route(BOB, RURI)
-    assert again is not None and again.from_cache
+    assert again.from_cache
     assert [str(h) for h in again.homes] == [SITE_C]
 
 
@@ -125,7 +134,7 @@ async def test_failed_drops_the_entry() -> None:
     router.failed(BOB)
     router.failed("sip:nobody@example.com")  # nothing cached: nothing to do
     found = await router.route(BOB, RURI)
-    assert found is not None and not found.from_cache
+    assert not found.from_cache
     assert counters.dht_lookups == 2
 
 
@@ -134,11 +143,9 @@ async def test_entries_last_the_cache_ttl() -> None:
     locator.bindings[BOB] = [HomeRecord(SITE_B)]
     await router.route(BOB, RURI)
     clock.advance(9.9)
-    hit = await router.route(BOB, RURI)
-    assert hit is not None and hit.from_cache
+    assert (await router.route(BOB, RURI)).from_cache
     clock.advance(0.2)
-    miss = await router.route(BOB, RURI)
-    assert miss is not None and not miss.from_cache
+    assert not (await router.route(BOB, RURI)).from_cache
     assert counters.dht_lookups == 2
 
 
@@ -147,15 +154,15 @@ async def test_a_cached_binding_that_expired_is_not_used() -> None:
     locator.bindings[BOB] = [HomeRecord(SITE_B, expires_at=clock() + 5)]
     await router.route(BOB, RURI)
     clock.advance(6)
-    assert await router.route(BOB, RURI) is None  # the DHT lets it expire too
+    assert (await router.route(BOB, RURI)).homes == ()  # the DHT lets it expire too
     assert counters.dht_lookups == 2
 
 
 async def test_not_found_is_not_cached() -> None:
     router, locator, counters, _ = dht_router()
-    assert await router.route(BOB, RURI) is None
+    assert (await router.route(BOB, RURI)).homes == ()
     locator.bindings[BOB] = [HomeRecord(SITE_B)]  # bob registers at site B
-    assert await router.route(BOB, RURI) is not None
+    assert (await router.route(BOB, RURI)).homes != ()
     assert counters.dht_lookups == 2
 
 
@@ -169,5 +176,5 @@ async def test_lookup_errors_propagate_and_are_not_cached() -> None:
     locator.failure = None
     locator.bindings[BOB] = [HomeRecord(SITE_B)]
     found = await router.route(BOB, RURI)
-    assert found is not None and not found.from_cache
+    assert not found.from_cache
     assert counters.dht_lookups == 2

@@ -1,9 +1,15 @@
 """Router: where a proxied request goes, driven with fake transactions, a fake resolver,
 an in-memory store, a fake DHT locator and a manual clock. The forker is the real one,
-so each test sees the requests exactly as they would leave the proxy."""
+so each test sees the requests exactly as they would leave the proxy.
+
+The relay policy decides much of what happens: a request to a user of a served domain is
+delivered for anyone, anywhere else only for an authenticated local user (a site without
+users relays for nobody), and an in-dialog request only when our Record-Route in it
+carries the dialog's token."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import cast
 
@@ -18,7 +24,7 @@ from proxy.location import LocationUnavailable
 from proxy.resolver import Resolver
 from proxy.router import Router
 from proxy.sip.binding import Binding
-from proxy.sip.errors import NotFound, TemporarilyUnavailable
+from proxy.sip.errors import Forbidden, NotFound, TemporarilyUnavailable
 from proxy.sip.message import Request, Response, error_response, make_response, parse_message
 from proxy.stats import SipCounters
 from proxy.transactions import ServerTx
@@ -27,6 +33,7 @@ from proxy.transport import Flow
 from .fakes import (
     ME,
     PHONE,
+    TOKENS,
     FakeLocator,
     FakeResolver,
     FakeTransactions,
@@ -47,7 +54,10 @@ SITE_B = "sip:198.51.100.7:5060"
 SITE_C = "sip:198.51.100.8:5070;transport=tcp"
 FLOW_B = Flow("udp", "198.51.100.7", 5060)
 FLOW_C = Flow("tcp", "198.51.100.8", 5070)
-OUR_RR = "<sip:203.0.113.5:5060;lr>"
+FROM_TAG = "f00d"  # the caller's tag in every request of .messages
+CALL_ID = "call-1@192.0.2.10"
+# Our Record-Route in the dialog of CALL_ID, as in-dialog requests bring it back.
+OUR_RR = ME.rr_uri("udp", TOKENS.dialog(CALL_ID, FROM_TAG))
 
 
 @dataclass
@@ -100,8 +110,8 @@ def proxy(*, dht: bool = False, users: tuple[tuple[str, str], ...] = ()) -> Prox
         # Router asks for the concrete Resolver (a class, no Protocol) although it uses
         # three methods of it; the fake has those three.
         resolver=cast(Resolver, resolver),
-        forker=Forker(transactions, ME, timer_c=180.0), counters=counters,
-        send=lambda flow, data: sent.append((flow, data)), spawn=spawner,
+        forker=Forker(transactions, ME, TOKENS, timer_c=180.0), counters=counters,
+        send=lambda flow, data: sent.append((flow, data)), spawn=spawner, tokens=TOKENS,
         dht=DhtRouter(locator, counters) if dht else None,
     )  # fmt: skip
     return Proxy(
@@ -112,6 +122,23 @@ def proxy(*, dht: bool = False, users: tuple[tuple[str, str], ...] = ()) -> Prox
 
 def invite(ruri: str = BOB, **kw: object) -> Request:
     return request("INVITE", ruri, **kw)
+
+
+ALICE = ("alice", "wonderland")  # a local user, for sites with users
+CNONCES = itertools.count(1)  # a phone's cnonce is new for every request it authenticates
+
+
+async def as_alice(p: Proxy, method: str, ruri: str, **kw: object) -> ServerTx:
+    """Send a request the way a phone of alice does: challenged first, then again with
+    her credentials. Returns the second request's transaction."""
+    [challenge] = p.transactions.sent_to(await p.route(request(method, ruri, **kw)))
+    assert challenge.status == 407
+    value = digest_answer(
+        md5_challenge(challenge, "Proxy-Authenticate"), username=ALICE[0],
+        password=ALICE[1], method=method, uri=ruri, cnonce=f"{next(CNONCES):08x}",
+    )  # fmt: skip
+    extra = [*cast(list[str], kw.pop("extra", [])), f"Proxy-Authorization: {value}"]
+    return await p.route(request(method, ruri, cseq=2, extra=extra, **kw))
 
 
 # --- local users ---------------------------------------------------------------------------
@@ -132,6 +159,7 @@ async def test_a_local_user_is_forked_to_every_binding_best_q_first() -> None:
         ours, theirs = b.request.headers.get_all("Via")
         assert ours.startswith("SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-")
         assert theirs == PHONE_VIA
+        # Our Record-Route carries the dialog's token: in-dialog requests bring it back.
         assert b.request.headers.get_all("Record-Route") == [OUR_RR]
         assert b.request.max_forwards == 69
     # Two branches, two transactions: their branch parameters differ.
@@ -199,6 +227,7 @@ async def test_an_unknown_user_is_not_found() -> None:
 
 
 async def test_a_known_aor_whose_bindings_expired_is_temporarily_unavailable() -> None:
+    # On a site without users anyone may register, so every caller learns it.
     p = proxy()
     await p.bind(BOB_DESK)
     p.clock.advance(601)
@@ -209,11 +238,18 @@ async def test_a_known_aor_whose_bindings_expired_is_temporarily_unavailable() -
     assert p.transactions.started == []
 
 
-async def test_a_user_of_the_users_file_who_never_registered_is_temporarily_unavailable() -> None:
-    p = proxy(users=(("bob", "builder"),))
-    # From another domain: not a local user, so not challenged.
-    with pytest.raises(TemporarilyUnavailable):
+async def test_a_known_user_without_binding_is_480_to_a_local_user_only() -> None:
+    p = proxy(users=(ALICE, ("bob", "builder")))  # bob is in the users file
+    # A caller from outside cannot tell "no such user" from "not reachable now".
+    with pytest.raises(NotFound):
         await p.route(invite(from_="sip:carol@other.example.org"))
+    with pytest.raises(NotFound):
+        await p.route(invite("sip:nobody@example.com", from_="sip:carol@other.example.org"))
+    # Alice, authenticated, is told.
+    with pytest.raises(TemporarilyUnavailable):
+        await as_alice(p, "INVITE", BOB)
+    with pytest.raises(NotFound):
+        await as_alice(p, "INVITE", "sip:nobody@example.com", call_id="call-2")
 
 
 async def test_bindings_that_cannot_be_reached_are_temporarily_unavailable() -> None:
@@ -243,9 +279,10 @@ async def test_with_no_local_binding_the_request_goes_to_the_home_proxies() -> N
     assert {b.request.uri for b in branches} == {"sip:bob@example.com;p2psip=home"}
     assert branches[0].request.headers.get_all("Via")[0].startswith("SIP/2.0/TCP 203.0.113.5")
     # UDP in, TCP out: we Record-Route once per transport.
+    token = TOKENS.dialog(CALL_ID, FROM_TAG)
     assert branches[0].request.headers.get_all("Record-Route") == [
-        "<sip:203.0.113.5:5060;transport=tcp;lr>",
-        OUR_RR,
+        ME.rr_uri("tcp", token),
+        ME.rr_uri("udp", token),
     ]
     assert p.counters.calls_routed_dht == 1
     assert p.transactions.sent_to(stx) == []
@@ -287,11 +324,21 @@ async def test_the_dht_unavailable_is_a_503_with_retry_after() -> None:
     assert p.transactions.started == []
 
 
-async def test_a_user_only_the_dht_knows_at_our_own_home_is_not_found() -> None:
+async def test_a_user_the_dht_knows_but_no_other_site_holds_is_temporarily_unavailable() -> None:
     p = proxy(dht=True)
     p.locator.bindings[BOB] = [HomeRecord(p.locator.home)]  # stale: we hold no binding
-    with pytest.raises(NotFound):
+    with pytest.raises(TemporarilyUnavailable):
         await p.route(invite())
+    assert p.transactions.started == []
+
+
+async def test_a_user_known_to_the_dht_only_by_tombstones_is_404_to_outsiders() -> None:
+    p = proxy(dht=True, users=(ALICE,))
+    p.locator.bindings[BOB] = [HomeRecord(SITE_B, expires_at=p.clock() - 1)]
+    with pytest.raises(NotFound):
+        await p.route(invite(from_="sip:carol@other.example.org"))
+    with pytest.raises(TemporarilyUnavailable):
+        await as_alice(p, "INVITE", BOB)
 
 
 async def test_cached_home_proxies_that_fail_are_retried_after_a_fresh_lookup() -> None:
@@ -340,20 +387,57 @@ async def test_a_failure_not_from_the_cache_is_answered_at_once() -> None:
     assert p.spawner.tasks == []
 
 
-# --- Route, requests to the proxy, stateless forwarding ----------------------------------
+# --- Route and in-dialog requests ---------------------------------------------------------
 
 
-async def test_a_request_with_a_route_goes_to_the_route() -> None:
+NEXT_HOP = "<sip:198.51.100.9:5080;lr>"
+
+
+async def test_an_in_dialog_request_through_our_record_route_goes_to_the_next_route() -> None:
     p = proxy()
-    req = invite(
-        "sip:bob@example.com", to_tag="b0b",
-        extra=[f"Route: {OUR_RR}, <sip:198.51.100.9:5080;lr>"],
-    )  # fmt: skip
+    req = request("BYE", BOB_DESK, to_tag="b0b", extra=[f"Route: {OUR_RR}, {NEXT_HOP}"])
     await p.route(req)
+    [branch] = p.transactions.branches("BYE")
+    assert branch.flow == Flow("udp", "198.51.100.9", 5080)
+    assert branch.request.uri == BOB_DESK  # loose routing: unchanged
+    assert branch.request.headers.values("Route") == [NEXT_HOP]
+
+
+async def test_an_in_dialog_request_without_our_token_is_not_relayed() -> None:
+    p = proxy()
+    forged = ME.rr_uri("udp", TOKENS.dialog("another-call", FROM_TAG))
+    for route in (f"<sip:203.0.113.5:5060;lr>, {NEXT_HOP}", f"{forged}, {NEXT_HOP}", NEXT_HOP):
+        with pytest.raises(Forbidden):
+            await p.route(request("BYE", BOB_DESK, to_tag="b0b", extra=[f"Route: {route}"]))
+    assert p.transactions.started == []
+    assert p.counters.relay_denied == 3
+
+
+async def test_a_preloaded_route_is_followed_for_a_local_user_only() -> None:
+    p = proxy(users=(ALICE,))
+    # From outside: only a local user may send us elsewhere, so prove you are one.
+    outsider = await p.route(
+        invite(from_="sip:carol@other.example.org", extra=[f"Route: {NEXT_HOP}"])
+    )
+    assert p.transactions.statuses(outsider) == [407]
+    assert p.transactions.started == []
+    stx = await as_alice(p, "INVITE", BOB, call_id="call-2", extra=[f"Route: {NEXT_HOP}"])
+    assert p.transactions.sent_to(stx) == []
     [branch] = p.transactions.branches()
     assert branch.flow == Flow("udp", "198.51.100.9", 5080)
-    assert branch.request.uri == "sip:bob@example.com"  # loose routing: unchanged
-    assert branch.request.headers.values("Route") == ["<sip:198.51.100.9:5080;lr>"]
+    assert branch.request.uri == BOB
+
+
+async def test_a_site_without_users_relays_for_nobody() -> None:
+    p = proxy()
+    with pytest.raises(Forbidden):
+        await p.route(invite(extra=[f"Route: {NEXT_HOP}"]))
+    with pytest.raises(Forbidden):
+        await p.route(invite("sip:bob@198.51.100.9"))  # a host we do not serve
+    assert p.transactions.started == []
+
+
+# --- requests to the proxy, stateless forwarding --------------------------------------------
 
 
 @pytest.mark.parametrize("ruri", ["sip:203.0.113.5:5060", "sip:example.com"])
@@ -386,10 +470,11 @@ def test_requests_to_users_or_elsewhere_are_not_for_the_proxy() -> None:
     )
 
 
-def ack(branch: str = "z9hG4bKack1") -> Request:
+def ack(branch: str = "z9hG4bKack1", route: str | None = OUR_RR) -> Request:
     return request(
-        "ACK", BOB_DESK, to_tag="b0b", vias=[f"SIP/2.0/UDP 192.0.2.10:5060;branch={branch}"]
-    )
+        "ACK", BOB_DESK, to_tag="b0b", vias=[f"SIP/2.0/UDP 192.0.2.10:5060;branch={branch}"],
+        extra=[f"Route: {route}"] if route else [],
+    )  # fmt: skip
 
 
 async def test_an_ack_is_forwarded_statelessly_with_a_deterministic_branch() -> None:
@@ -404,27 +489,43 @@ async def test_an_ack_is_forwarded_statelessly_with_a_deterministic_branch() -> 
     branches = [m.top_via.branch for m in sent]
     assert branches[0] == branches[1] != branches[2]
     assert sent[0].headers.get_all("Via")[0].startswith("SIP/2.0/UDP 203.0.113.5:5060;")
-    assert sent[0].headers.get_all("Record-Route") == []
+    assert sent[0].headers.get_all("Route") == []  # ours was consumed
     assert p.transactions.started == []  # no transaction for an ACK
 
 
-async def test_an_ack_that_cannot_be_routed_is_dropped() -> None:
+async def test_an_ack_to_a_phone_registered_here_is_forwarded() -> None:
     p = proxy()
+    await p.bind(BOB_DESK, source="udp:198.51.100.40:41000")  # bob behind NAT
+    p.router.forward_ack(ack(route=None), PHONE)
+    await p.spawner.drain()
+    assert [flow for flow, _ in p.sent] == [Flow("udp", "198.51.100.40", 41000)]
+
+
+async def test_an_ack_not_for_a_dialog_through_us_is_dropped() -> None:
+    p = proxy()
+    p.router.forward_ack(ack(route=None), PHONE)  # to a phone we know nothing of
+    p.router.forward_ack(ack(route=f"<sip:203.0.113.5:5060;lr>, {NEXT_HOP}"), PHONE)
     p.router.forward_ack(request("ACK", "sip:bob@nowhere.invalid", to_tag="b0b"), PHONE)
     await p.spawner.drain()
     assert p.sent == []
 
 
-def stray(*vias: str) -> Response:
-    return make_response(request("INVITE", BOB, vias=vias), 200, to_tag="b0b")
+async def forwarded_invite(p: Proxy) -> Request:
+    """An INVITE the proxy forwarded to bob's phone, as it went out."""
+    await p.bind(BOB_DESK)
+    await p.route(invite())
+    [branch] = p.transactions.branches()
+    return branch.request
 
 
-def test_a_stray_response_with_our_via_goes_to_the_next_via() -> None:
+async def test_a_stray_2xx_to_our_branch_goes_to_the_next_via() -> None:
+    # §16.7 step 5: a 2xx retransmitted after the INVITE's client transaction ended.
     p = proxy()
     upstream = "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKup;received=192.0.2.99;rport=5999"
-    p.router.forward_stray_response(
-        stray("SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-x-y", upstream)
-    )
+    await p.bind(BOB_DESK)
+    await p.route(invite(vias=[upstream]))
+    [branch] = p.transactions.branches()
+    p.router.forward_stray_response(make_response(branch.request, 200, to_tag="b0b"))
     [(flow, data)] = p.sent
     assert flow == Flow("udp", "192.0.2.99", 5999)
     fwd = parse_message(data)
@@ -432,10 +533,23 @@ def test_a_stray_response_with_our_via_goes_to_the_next_via() -> None:
     assert fwd.headers.get_all("Via") == [upstream]
 
 
-def test_a_stray_response_without_our_via_on_top_is_dropped() -> None:
+async def test_stray_responses_we_did_not_cause_are_dropped() -> None:
     p = proxy()
-    p.router.forward_stray_response(stray(PHONE_VIA, "SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKz"))
-    p.router.forward_stray_response(stray("SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bK-x-y"))
+    sent = await forwarded_invite(p)
+    ours = sent.headers.get_all("Via")[0]
+    made_up = ours.replace(sent.top_via.branch or "", "z9hG4bK-0123456789ab-feedfacecafe")
+    elsewhere = "SIP/2.0/UDP 198.51.100.66:5060;branch=z9hG4bKvictim"
+    for vias in (
+        [made_up, PHONE_VIA],  # a branch we never made
+        [ours, elsewhere],  # our branch, but for another upstream Via
+        [PHONE_VIA, elsewhere],  # not our Via on top
+        [ours],  # nowhere to go
+    ):
+        p.router.forward_stray_response(make_response(invite(vias=vias), 200, to_tag="b0b"))
+    p.router.forward_stray_response(make_response(sent, 180, to_tag="b0b"))  # not a 2xx
+    p.router.forward_stray_response(
+        make_response(request("MESSAGE", BOB, vias=sent.headers.get_all("Via")), 200)
+    )  # a 2xx, but not to an INVITE
     assert p.sent == []
 
 
@@ -443,7 +557,7 @@ def test_a_stray_response_without_our_via_on_top_is_dropped() -> None:
 
 
 async def test_a_local_users_invite_is_challenged_407() -> None:
-    p = proxy(users=(("alice", "wonderland"),))
+    p = proxy(users=(ALICE,))
     await p.bind(BOB_DESK)
     stx = await p.route(invite())
     [resp] = p.transactions.sent_to(stx)
@@ -452,23 +566,31 @@ async def test_a_local_users_invite_is_challenged_407() -> None:
     assert p.transactions.started == []
 
 
-async def test_with_credentials_the_invite_goes_on_without_them() -> None:
-    p = proxy(users=(("alice", "wonderland"),))
+async def test_with_credentials_the_invite_goes_on_asserting_who_sent_it() -> None:
+    p = proxy(users=(ALICE,))
     await p.bind(BOB_DESK)
-    challenged = p.transactions.sent_to(await p.route(invite()))[0]
-    value = digest_answer(
-        md5_challenge(challenged, "Proxy-Authenticate"), username="alice",
-        password="wonderland", method="INVITE", uri=BOB,
-    )  # fmt: skip
-    stx = await p.route(invite(cseq=2, extra=[f"Proxy-Authorization: {value}"]))
+    stx = await as_alice(p, "INVITE", BOB)
     assert p.transactions.sent_to(stx) == []
     [branch] = p.transactions.branches()
     assert branch.request.uri == BOB_DESK
     assert "Proxy-Authorization" not in branch.request.headers  # §22.3: consumed here
+    assert branch.request.headers.get_all("P-Asserted-Identity") == ["<sip:alice@example.com>"]
 
 
-async def test_a_call_from_another_domain_is_not_challenged() -> None:
-    p = proxy(users=(("alice", "wonderland"),))
+async def test_an_authenticated_user_may_not_send_as_another() -> None:
+    p = proxy(users=(ALICE, ("bob", "builder")))
     await p.bind(BOB_DESK)
-    await p.route(invite(from_="sip:carol@other.example.org"))
-    assert [b.request.uri for b in p.transactions.branches()] == [BOB_DESK]
+    with pytest.raises(Forbidden):
+        await as_alice(p, "INVITE", BOB, from_="sip:bob@example.com")
+    assert p.transactions.started == []
+    assert p.counters.identity_mismatch == 1
+
+
+async def test_a_call_from_another_domain_is_not_challenged_nor_asserted() -> None:
+    p = proxy(users=(ALICE,))
+    await p.bind(BOB_DESK)
+    forged = "P-Asserted-Identity: <sip:alice@example.com>"
+    await p.route(invite(from_="sip:carol@other.example.org", extra=[forged]))
+    [branch] = p.transactions.branches()
+    assert branch.request.uri == BOB_DESK
+    assert "P-Asserted-Identity" not in branch.request.headers
