@@ -159,7 +159,15 @@ class Router:
             self._forker.start(stx, req, h, [Target(None, await self.flow_for_uri(ruri))])
             return
         aor = aor_of(ruri)
-        targets = await self._local_targets(aor, stx)
+        # Only local users learn that a user exists but is not reachable now (on a site
+        # without users, where anyone may register, every caller is one).
+        tell = isinstance(user, str) or not self._auth.enabled
+        try:
+            targets = await self._local_targets(aor, stx)
+        except TemporarilyUnavailable:
+            if tell:
+                raise
+            raise NotFound(f"{aor} is not reachable") from None
         if targets:
             self._counters.calls_routed_local += 1
             log.info("%s %s to %s: %d local contact(s)", req.method, req.call_id, aor,
@@ -179,9 +187,7 @@ class Router:
                 self._fork_dht(stx, h, found, dht_targets)
                 return
             known = known or found.known
-        if known and (isinstance(user, str) or not self._auth.enabled):
-            # Only local users learn that the user exists but is not reachable now (on
-            # a site without users, where anyone may register, every caller is one).
+        if known and tell:
             raise TemporarilyUnavailable(f"{aor} has no live binding")
         # Everyone else gets one answer for "no such user" and "not reachable now".
         raise NotFound(f"{aor} is not reachable" if known else f"{aor} is not registered")

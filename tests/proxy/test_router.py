@@ -259,6 +259,17 @@ async def test_bindings_that_cannot_be_reached_are_temporarily_unavailable() -> 
         await p.route(invite())
 
 
+async def test_unreachable_bindings_are_404_to_outsiders() -> None:
+    # Regression: bindings that all failed to resolve answered 480 to anyone, telling an
+    # outsider that the user exists (the relay policy gives outsiders 404 for both).
+    p = proxy(users=(ALICE,))
+    await p.bind("sip:bob@desk.invalid:5070")
+    with pytest.raises(NotFound):
+        await p.route(invite(from_="sip:carol@other.example.org"))
+    with pytest.raises(TemporarilyUnavailable):
+        await as_alice(p, "INVITE", BOB)
+
+
 async def test_an_unreachable_binding_is_skipped() -> None:
     p = proxy()
     await p.bind("sip:bob@desk.invalid:5070", q=1.0)
