@@ -170,6 +170,16 @@ async def test_a_request_whose_content_length_lies_gets_400(h: Harness) -> None:
     assert h.counters.parse_errors == 1
 
 
+async def test_an_unparsable_request_is_answered_where_it_came_from(h: Harness) -> None:
+    # RFC 3581: the phone asked with ;rport, and sits behind NAT.
+    natted = Flow("udp", "198.51.100.99", 40000)
+    data = request_bytes("OPTIONS", BOB).replace(b"Content-Length: 0", b"Content-Length: 99")
+    await h.receive(data, natted)
+    [(flow, resp)] = h.sender.responses()
+    assert (flow, resp.status) == (natted, 400)
+    assert (resp.top_via.received, resp.top_via.rport) == ("198.51.100.99", "40000")
+
+
 async def test_an_unsupported_sip_version_gets_505(h: Harness) -> None:
     data = request_bytes("INVITE", BOB).replace(b" SIP/2.0\r\n", b" SIP/3.0\r\n", 1)
     await h.receive(data)
@@ -412,3 +422,22 @@ async def test_counters_count_requests_and_responses(h: Harness) -> None:
     assert snapshot["responses_received.4xx"] == 1
     assert snapshot["responses_sent.1xx"] == 1
     assert snapshot["responses_sent.2xx"] == 2
+
+
+# --- shutting down -----------------------------------------------------------------------------
+
+
+async def test_draining_refuses_new_calls_and_cancels_ringing_ones(h: Harness) -> None:
+    cancelled: list[bool] = []
+    h.router.on_cancel = lambda: cancelled.append(True)
+    await h.receive(request_bytes("INVITE", BOB, call_id="ringing", vias=[via("ringing")]))
+    assert h.server.drain() == 1
+    assert cancelled == [True]
+    await h.receive(request_bytes("INVITE", BOB, call_id="new", vias=[via("new")]))
+    await h.receive(request_bytes("REGISTER", "sip:example.com", call_id="r", vias=[via("r")]))
+    refused = [r for r in h.responses() if r.call_id in ("new", "r")]
+    assert [(r.status, r.headers.get("Retry-After")) for r in refused] == [(503, "5")] * 2
+    # A dialog goes on: its BYE still reaches the router.
+    await h.receive(request_bytes("BYE", BOB, call_id="d", to_tag="b0b", vias=[via("d")]))
+    assert [s.request.call_id for s in h.router.routed] == ["ringing", "d"]
+    assert h.registrar.handled == []
