@@ -10,6 +10,12 @@ caller's ``now``. The expiry is wall-clock time, so the proxy and Redis hosts ne
 clocks (NTP); skew only moves the moment the key is dropped, never what ``load`` returns
 before that.
 
+A marker key, ``{prefix}marker:bindings``, holds a random token that only a loss of data
+removes (FLUSHALL, FLUSHDB, a restart without persistence, eviction under ``maxmemory``):
+:class:`~dht_adaptor.cached_store.CachedStore` reads it to notice that Redis forgot what
+it was told, and writes back what it holds with :meth:`RedisStore.restore`, which never
+overwrites an AOR someone saved since.
+
 Every failure (refused, timeout, unreadable record) is raised as
 :class:`~dht_adaptor.location.LocationError`; the proxy answers 5xx. Messages name the
 server as ``host:port/db`` and never include the URL's credentials.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractContextManager
 
@@ -50,6 +57,7 @@ class RedisStore:
             raise ValueError(f"redis timeout must be positive, got {timeout}")
         self._prefix = prefix
         self._key_prefix = f"{prefix}aor:"
+        self._marker_key = f"{prefix}marker:bindings"
         try:
             self._client = aioredis.Redis.from_url(
                 url,
@@ -64,6 +72,11 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
+
+    @property
+    def where(self) -> str:
+        """The server as ``host:port/db`` (no credentials), for messages."""
+        return f"redis at {self._where}"
 
     def key(self, aor: str) -> str:
         """The Redis key holding the bindings of ``aor``."""
@@ -92,14 +105,35 @@ class RedisStore:
             with self._errors(f"delete {aor!r}"):
                 await self._client.delete(key)
             return
-        try:
-            data = encode_bindings(live)
-        except CodecError as exc:
-            raise LocationError(f"cannot store bindings of {aor!r}: {exc}") from exc
-        # Round up, so the key never disappears before its latest binding has expired.
-        expire_at_ms = math.ceil(max(b.expires_at for b in live) * 1000)
+        data, expire_at_ms = _encoded(aor, live)
         with self._errors(f"save {aor!r}"):
             await self._client.set(key, data, pxat=expire_at_ms)
+
+    async def restore(self, aor: str, bindings: Sequence[Binding], now: float) -> bool:
+        """Write the live ``bindings`` of ``aor`` unless Redis holds the AOR already (SET NX:
+        a REGISTER saved since the loss wins). True if they were written."""
+        live = [b for b in bindings if b.is_live(now)]
+        if not live:
+            return False
+        data, expire_at_ms = _encoded(aor, live)
+        with self._errors(f"restore {aor!r}"):
+            return bool(await self._client.set(self.key(aor), data, pxat=expire_at_ms, nx=True))
+
+    async def marker(self) -> str | None:
+        """The marker's token, or None if Redis lost it (see the module docstring)."""
+        with self._errors("read the marker"):
+            value = await self._client.get(self._marker_key)
+        return None if value is None else _text(value)
+
+    async def ensure_marker(self) -> str:
+        """Set a new marker unless there is one (several processes may race: one wins);
+        return the token in force."""
+        with self._errors("write the marker"):
+            await self._client.set(self._marker_key, secrets.token_hex(8), nx=True)
+            value = await self._client.get(self._marker_key)
+        if value is None:  # lost again in between: the next check writes it once more
+            raise LocationError(f"redis at {self._where}: the marker vanished as it was written")
+        return _text(value)
 
     async def aors(self) -> AsyncIterator[str]:
         # SCAN may return a key more than once (while Redis rehashes): yield each once.
@@ -132,3 +166,17 @@ class RedisStore:
 
     def _errors(self, action: str) -> AbstractContextManager[None]:
         return redis_errors(LocationError, self._where, action)
+
+
+def _encoded(aor: str, live: Sequence[Binding]) -> tuple[bytes, int]:
+    """The record of ``live`` (not empty) and the key's expiry in Unix milliseconds."""
+    try:
+        data = encode_bindings(live)
+    except CodecError as exc:
+        raise LocationError(f"cannot store bindings of {aor!r}: {exc}") from exc
+    # Round up, so the key never disappears before its latest binding has expired.
+    return data, math.ceil(max(b.expires_at for b in live) * 1000)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dht_adaptor.adaptor import RETRY_DELAYS, DhtAdaptor
+from dht_adaptor.cached_store import CachedStore
 from dht_adaptor.keys import KeyFileError, SiteKey, TrustStore
 from dht_adaptor.location import MemoryStore
 from dht_adaptor.node import DhtNode
@@ -133,13 +134,21 @@ async def _reach_redis(store: RedisStore | RedisRecordStore) -> None:
 
 
 async def open_store(config: Config) -> LocationStore:
+    """Bindings in memory, or with ``--redis-url`` in Redis behind a view in memory that
+    keeps calls working while Redis is away and writes back what Redis lost."""
     if not config.redis_url:
         return MemoryStore()
     try:
-        store = RedisStore(config.redis_url)
+        redis = RedisStore(config.redis_url)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    await _reach_redis(store)
+    await _reach_redis(redis)
+    store = CachedStore(redis)
+    try:
+        await store.start()
+    except LocationError as exc:
+        await store.close()
+        raise StartupError(f"cannot read the bindings: {exc}") from None
     return store
 
 
