@@ -155,6 +155,8 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=100000)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))),
+                   help="which cases, by number (default: all)")  # fmt: skip
     p.add_argument("--receiver", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.receiver:
@@ -163,7 +165,7 @@ def main() -> int:
     print(f"# {args.rate}/s for {args.seconds} s from 127.0.0.9, best of {args.repeat}")
     print("| case | sent | handled | µs/datagram (best) | µs/datagram (median) |")
     print("|---|---|---|---|---|")
-    for case in CASES:
+    for case in (CASES[int(i)] for i in args.cases.split(",")):
         runs = [run_case(case, args.rate, args.seconds) for _ in range(args.repeat)]
         best = min(runs, key=lambda r: r["us_per_datagram"])
         median = statistics.median(r["us_per_datagram"] for r in runs)
