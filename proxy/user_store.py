@@ -11,7 +11,14 @@ subscribers (the site switches digest authentication on when the first user appe
 * :class:`RedisUserStore`: one hash per user, ``{prefix}user:{username}`` with fields
   ``realm``, ``ha1_md5`` and ``ha1_sha256``. The process keeps a copy in memory and
   reloads it every few seconds, so users changed by another proxy process sharing the
-  Redis show up here too.
+  Redis show up here too. While Redis is away the copy stays as it was. A marker key,
+  ``{prefix}marker:users``, tells a reload that Redis lost its data (a crash without
+  persistence, FLUSHALL): the copy is then written back instead of being replaced by
+  nothing, user by user and never over a user written since.
+
+Digest authentication is on once there has been a user or a users file was given, and
+stays on (:mod:`proxy.auth_gate`); ``refuses_everyone`` says when it then has nobody to
+let in, which ``/ready`` reports.
 
 Failures to write or read are :class:`UserStoreError` (the admin API answers 503).
 """
@@ -22,12 +29,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import string
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from .config import Config
@@ -40,6 +51,12 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFIX = "p2psip:"
 REFRESH_INTERVAL = 5.0  # seconds between reloads of the Redis users
 _HEX = frozenset(string.hexdigits)
+# Create the user's hash only if there is none: a user written since the loss wins.
+_RESTORE_USER = """
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+redis.call('hset', KEYS[1], unpack(ARGV))
+return 1
+"""
 
 
 class UserStoreError(Exception):
@@ -69,12 +86,22 @@ class UserStore(UserDirectory):
         super().__init__(realm, records, path=path)
         self._listeners: list[Callable[[], None]] = []
         self._write_lock = asyncio.Lock()
+        # As AuthGate decides: on with a users file (required) or once there is a user.
+        self.required = False
+        self._had_users = len(self) > 0
+
+    @property
+    def refuses_everyone(self) -> bool:
+        """Digest authentication is on and there is no user: every REGISTER is refused."""
+        return len(self) == 0 and (self.required or self._had_users)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` after every change of the users."""
         self._listeners.append(listener)
 
     def _changed(self) -> None:
+        if len(self):
+            self._had_users = True
         for listener in self._listeners:
             listener()
 
@@ -203,10 +230,17 @@ class RedisUserStore(UserStore):
         super().__init__(realm)
         self._where = describe_url(url)  # ValueError for a bad URL
         self._key_prefix = f"{prefix}user:"
+        self._marker_key = f"{prefix}marker:users"
         self._refresh_interval = refresh_interval
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # Retry once, at once, on a pooled connection found dead (Redis restarted).
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        self._restore_user = self._client.register_script(_RESTORE_USER)
+        self._epoch: str | None = None  # the marker as the last reload saw it
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -218,13 +252,17 @@ class RedisUserStore(UserStore):
     def _errors(self, action: str) -> AbstractContextManager[None]:
         return redis_errors(UserStoreError, self._where, action)
 
-    async def put(self, record: UserRecord) -> bool:
-        check_record(record)
+    def _fields(self, record: UserRecord) -> list[str]:
         fields = ["realm", self.realm]
         if record.ha1_md5 is not None:
             fields += ["ha1_md5", record.ha1_md5.lower()]
         if record.ha1_sha256 is not None:
             fields += ["ha1_sha256", record.ha1_sha256.lower()]
+        return fields
+
+    async def put(self, record: UserRecord) -> bool:
+        check_record(record)
+        fields = self._fields(record)
         key = self.key(record.username)
         async with self._write_lock:
             with self._errors(f"save user {record.username!r}"):
@@ -245,15 +283,33 @@ class RedisUserStore(UserStore):
         return bool(existed)
 
     async def refresh(self) -> None:
-        """Read every user from Redis and replace the copy in memory."""
-        users: dict[str, UserRecord] = {}
+        """Read every user from Redis and replace the copy in memory; or, if Redis lost
+        the users since the last reload, write the copy back instead (and read it next
+        time). Raises UserStoreError; the copy is then kept as it was."""
+        async with self._write_lock:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         pattern = glob_escape(self._key_prefix) + "*"
         with self._errors("load users"):
             keys = [k async for k in self._client.scan_iter(match=pattern, count=500)]
-            async with self._client.pipeline(transaction=False) as pipe:
+            # One MULTI: the hashes are read as of the marker read with them, so a FLUSHALL
+            # after the SCAN shows as a lost marker, never as users deleted.
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.get(self._marker_key)
                 for k in keys:
                     pipe.hgetall(k)
-                hashes = await pipe.execute(raise_on_error=False)
+                raw_marker, *hashes = await pipe.execute(raise_on_error=False)
+        if isinstance(raw_marker, Exception):
+            raise UserStoreError(f"redis at {self._where}: cannot read the users' marker")
+        marker = None if raw_marker is None else _text(raw_marker)
+        if self._epoch is not None and marker != self._epoch:
+            await self._write_back()
+            return
+        if marker is None:  # the first reload of a Redis never marked (or lost before)
+            marker = await self._ensure_marker()
+        self._epoch = marker
+        users: dict[str, UserRecord] = {}
         for raw_key, fields in zip(keys, hashes, strict=True):
             name = _text(raw_key)[len(self._key_prefix) :]
             if isinstance(fields, ResponseError) or not isinstance(fields, dict):
@@ -266,6 +322,30 @@ class RedisUserStore(UserStore):
         self._users = users
         if changed:
             self._changed()
+
+    async def _ensure_marker(self) -> str:
+        with self._errors("write the users' marker"):
+            await self._client.set(self._marker_key, secrets.token_hex(8), nx=True)
+            value = await self._client.get(self._marker_key)
+        if value is None:
+            raise UserStoreError(f"redis at {self._where}: the users' marker vanished")
+        return _text(value)
+
+    async def _write_back(self) -> None:
+        """Redis lost the users (or another process noticed first and marked it anew):
+        write back each user held in memory that Redis lacks, then adopt the marker."""
+        written = 0
+        records = list(self._users.values())
+        with self._errors("write back users"):
+            for record in records:
+                key = self.key(record.username)
+                written += int(await self._restore_user(keys=[key], args=self._fields(record)))
+        self._epoch = await self._ensure_marker()
+        log.warning(
+            "users: redis at %s had lost them; wrote back %d user(s) held in memory "
+            "(%d were there already)",
+            self._where, written, len(records) - written,
+        )  # fmt: skip
 
     def _record(self, name: str, fields: dict[str, str]) -> UserRecord | None:
         if fields.get("realm") != self.realm:
@@ -287,12 +367,22 @@ class RedisUserStore(UserStore):
             self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
 
     async def _refresh_forever(self) -> None:
+        failing = False  # log the first failure and the recovery, not every reload
         while True:
             await asyncio.sleep(self._refresh_interval)
             try:
                 await self.refresh()
             except UserStoreError as exc:
-                log.warning("cannot reload users: %s", exc)
+                if not failing:
+                    log.warning(
+                        "users: cannot reload (%s); keeping the %d user(s) held in memory",
+                        exc, len(self),
+                    )  # fmt: skip
+                failing = True
+                continue
+            if failing:
+                log.info("users: reloaded from redis at %s again", self._where)
+                failing = False
 
     async def ping(self) -> None:
         with self._errors("ping"):
@@ -322,11 +412,13 @@ async def open_user_store(config: Config, realm: str) -> UserStore:
 
     Raises UsersFileError or UserStoreError with one line.
     """
+    required = config.users_file is not None  # digest authentication on even with no user
     if config.redis_url:
         try:
             store = RedisUserStore(config.redis_url, realm)
         except ValueError as exc:
             raise UserStoreError(str(exc)) from None
+        store.required = required
         try:
             await store.refresh()
             if len(store) == 0 and config.users_file is not None:
@@ -340,7 +432,9 @@ async def open_user_store(config: Config, realm: str) -> UserStore:
         store.start()
         return store
     path = config.users_file or config.data_dir / "users.toml"
-    return FileUserStore.open(path, realm, must_exist=config.users_file is not None)
+    file_store = FileUserStore.open(path, realm, must_exist=required)
+    file_store.required = required
+    return file_store
 
 
 __all__ = [
