@@ -28,6 +28,7 @@ from admin_api.services import (
     UserChange,
 )
 from dht_adaptor.adaptor import DhtAdaptor
+from dht_adaptor.cached_store import CachedStore
 from dht_adaptor.errors import DhtError
 from dht_adaptor.node import DhtNode
 from dht_adaptor.record_store import RecordStoreError
@@ -82,13 +83,33 @@ class SiteServices:
             checks.append(Check("dht", False, "no DHT peer yet (not joined)"))
         else:
             checks.append(Check("dht", True, "no --bootstrap: this node is the whole overlay"))
-        if self.redis_ping is not None:
-            try:
-                await asyncio.wait_for(self.redis_ping(), 3.0)
-                checks.append(Check("redis", True, "reachable"))
-            except (LocationError, TimeoutError) as exc:
-                checks.append(Check("redis", False, f"unreachable: {exc or 'timed out'}"))
+        store = self.store
+        if isinstance(store, CachedStore):
+            held = f"{store.held} AOR(s) held in memory"
+            if store.evicted:
+                held += f", {store.evicted} dropped as memory was full"
+            checks.append(
+                await _redis_check(
+                    store.ping,
+                    ok=f"reachable; {held}",
+                    failed=f"REGISTER answers 503, calls reach the {held}",
+                )
+            )
+        elif self.redis_ping is not None:
+            checks.append(await _redis_check(self.redis_ping, ok="reachable"))
+        checks.append(self._users_check())
         return checks
+
+    def _users_check(self) -> Check:
+        users = self.users_store
+        if users.refuses_everyone:
+            return Check(
+                "users", False, "digest authentication is on and there are no users: "
+                "every REGISTER is refused (add one with POST /users)",
+            )  # fmt: skip
+        if len(users) == 0:
+            return Check("users", True, "no users: registration is open to anyone")
+        return Check("users", True, f"{len(users)} user(s), digest authentication on")
 
     # --- registrations ----------------------------------------------------------------
 
@@ -264,6 +285,18 @@ class SiteServices:
         except LocationError:
             return None, None
         return aors, bindings
+
+
+async def _redis_check(
+    ping: Callable[[], Awaitable[object]], *, ok: str, failed: str = ""
+) -> Check:
+    """Ask Redis now (3 s at most)."""
+    try:
+        await asyncio.wait_for(ping(), 3.0)
+    except (LocationError, TimeoutError) as exc:
+        detail = f"unreachable: {exc or 'timed out'}"
+        return Check("redis", False, f"{detail}; {failed}" if failed else detail)
+    return Check("redis", True, ok)
 
 
 def _matches(aor: str, prefix: str) -> bool:

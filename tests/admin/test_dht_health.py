@@ -75,7 +75,7 @@ async def test_health_and_ready_need_no_token(site: LiveSite) -> None:
     assert r.status_code == 200
     body = r.json()
     assert body["ready"] is True and body["message"] == "ready"
-    assert {c["name"]: c["ok"] for c in body["checks"]} == {"sip": True, "dht": True}
+    assert {c["name"]: c["ok"] for c in body["checks"]} == {"sip": True, "dht": True, "users": True}
 
 
 async def test_not_ready_without_a_dht_peer(make_site: MakeSite) -> None:
@@ -95,5 +95,5 @@ async def test_ready_with_redis(make_site: MakeSite, redis_server: object) -> No
     async with make_site(redis_url=url) as site:
         body = (await site.client.get("/ready")).json()
         assert {c["name"]: c["ok"] for c in body["checks"]} == {
-            "sip": True, "dht": True, "redis": True,
+            "sip": True, "dht": True, "redis": True, "users": True,
         }  # fmt: skip
