@@ -17,6 +17,18 @@ bearer = HTTPBearer(
 )
 
 
+def bearer_credentials(authorization: str | None) -> str:
+    """The credentials of an ``Authorization: Bearer ...`` header value ("" if none), read
+    as ``HTTPBearer`` reads them."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else ""
+
+
+def token_matches(given: str, expected: bytes) -> bool:
+    # Constant time: the comparison must not tell how much of a guess was right.
+    return hmac.compare_digest(given.encode("utf-8"), expected)
+
+
 def token_checker(token: str) -> Callable[..., Awaitable[None]]:
     """A dependency that answers 401 unless the request carries ``token``."""
     if not token:
@@ -26,9 +38,8 @@ def token_checker(token: str) -> Callable[..., Awaitable[None]]:
     async def check(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
-        given = b"" if credentials is None else credentials.credentials.encode("utf-8")
-        # Constant time: the comparison must not tell how much of a guess was right.
-        if not hmac.compare_digest(given, expected):
+        given = "" if credentials is None else credentials.credentials
+        if not token_matches(given, expected):
             raise Unauthorized("missing or wrong bearer token")
 
     return check
