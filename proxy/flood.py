@@ -32,6 +32,7 @@ per ``log_interval`` while anything is being dropped.
 
 from __future__ import annotations
 
+import heapq
 import logging
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,9 @@ class FloodGuard:
 
     def blocked_sources(self, now: float, limit: int = 20) -> list[tuple[str, int]]:
         """Up to ``limit`` sources blocked at ``now``, most dropped first: (host, dropped)."""
-        live = [(host, int(b[1])) for host, b in self._blocked.items() if now < b[0]]
-        live.sort(key=lambda item: (-item[1], item[0]))
-        return live[:limit]
+        live = ((host, int(b[1])) for host, b in self._blocked.items() if now < b[0])
+        # nsmallest, not a sort: called every second, with up to max_sources blocked.
+        return heapq.nsmallest(limit, live, key=lambda item: (-item[1], item[0]))
 
     # --- housekeeping --------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.flood import LOG_BURST, FloodGuard
 
@@ -158,3 +160,53 @@ def test_no_summary_when_nothing_was_dropped(caplog: pytest.LogCaptureFixture) -
 def test_nonsense_limits_are_refused(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         FloodGuard(**kw)  # type: ignore[arg-type]
+
+
+class Model:
+    """What FloodGuard decides, without its bounded, ordered tables."""
+
+    def __init__(self, max_requests: int, window: float, block_time: float) -> None:
+        self.max_requests, self.window, self.block_time = max_requests, window, block_time
+        self.windows: dict[str, tuple[float, int]] = {}
+        self.blocked: dict[str, float] = {}
+
+    def admit(self, host: str, now: float) -> bool:
+        if now < self.blocked.get(host, float("-inf")):
+            return False
+        start, count = self.windows.get(host, (float("-inf"), 0))
+        if now - start >= self.window:
+            start, count = now, 0
+        count += 1
+        self.windows[host] = (start, count)
+        if count <= self.max_requests:
+            return True
+        self.blocked[host] = now + self.block_time
+        del self.windows[host]
+        return False
+
+
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c", "d"]),
+        st.floats(min_value=0.0, max_value=1.5),  # time step before the event
+        st.booleans(),  # tick first
+    ),
+    max_size=300,
+)
+
+
+@given(events)
+def test_decisions_match_the_model_and_ticks_change_none(
+    seq: list[tuple[str, float, bool]],
+) -> None:
+    guard = FloodGuard(max_requests=3, window=2.0, block_time=5.0, max_sources=10)
+    model = Model(3, 2.0, 5.0)
+    now = 0.0
+    for host, step, tick in seq:
+        now += step
+        if tick:
+            guard.tick(now)
+        assert guard.admit(host, now) == model.admit(host, now), (host, now)
+        assert guard.sources <= 4
+    blocked_now = {h for h, until in model.blocked.items() if now < until}
+    assert {h for h, _ in guard.blocked_sources(now, limit=10)} == blocked_now
