@@ -384,7 +384,7 @@ async def build_site(
             snapshot=lambda: site.stats(),
             transactions=lambda: (len(transactions.server_txs), len(transactions.client_txs)),
             token=admin_token(config), clock=clock, require_peers=bool(config.bootstrap),
-            redis_ping=store.ping if isinstance(store, RedisStore) else None,
+            auth_enabled=lambda: auth.enabled,
         )  # fmt: skip
         site = Site(
             config, me, counters, store, users, auth, registrar, router, server,

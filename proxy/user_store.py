@@ -17,8 +17,7 @@ subscribers (the site switches digest authentication on when the first user appe
   nothing, user by user and never over a user written since.
 
 Digest authentication is on once there has been a user or a users file was given, and
-stays on (:mod:`proxy.auth_gate`); ``refuses_everyone`` says when it then has nobody to
-let in, which ``/ready`` reports.
+stays on (:mod:`proxy.auth_gate`); ``/ready`` reports a site that then has no users.
 
 Failures to write or read are :class:`UserStoreError` (the admin API answers 503).
 """
@@ -86,22 +85,12 @@ class UserStore(UserDirectory):
         super().__init__(realm, records, path=path)
         self._listeners: list[Callable[[], None]] = []
         self._write_lock = asyncio.Lock()
-        # As AuthGate decides: on with a users file (required) or once there is a user.
-        self.required = False
-        self._had_users = len(self) > 0
-
-    @property
-    def refuses_everyone(self) -> bool:
-        """Digest authentication is on and there is no user: every REGISTER is refused."""
-        return len(self) == 0 and (self.required or self._had_users)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` after every change of the users."""
         self._listeners.append(listener)
 
     def _changed(self) -> None:
-        if len(self):
-            self._had_users = True
         for listener in self._listeners:
             listener()
 
@@ -412,13 +401,11 @@ async def open_user_store(config: Config, realm: str) -> UserStore:
 
     Raises UsersFileError or UserStoreError with one line.
     """
-    required = config.users_file is not None  # digest authentication on even with no user
     if config.redis_url:
         try:
             store = RedisUserStore(config.redis_url, realm)
         except ValueError as exc:
             raise UserStoreError(str(exc)) from None
-        store.required = required
         try:
             await store.refresh()
             if len(store) == 0 and config.users_file is not None:
@@ -432,9 +419,7 @@ async def open_user_store(config: Config, realm: str) -> UserStore:
         store.start()
         return store
     path = config.users_file or config.data_dir / "users.toml"
-    file_store = FileUserStore.open(path, realm, must_exist=required)
-    file_store.required = required
-    return file_store
+    return FileUserStore.open(path, realm, must_exist=config.users_file is not None)
 
 
 __all__ = [
