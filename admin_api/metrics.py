@@ -109,9 +109,46 @@ def families(s: SiteStats) -> list[Metric]:
         ),
         _counter("dht_rpc_timeouts", "DHT RPCs that timed out", s.dht_rpc_timeouts),
     ]
+    out += _edge(s.counters)
     if s.registered_aors is not None and s.registered_bindings is not None:
         out.append(_gauge("registered_aors", "AORs with live bindings", s.registered_aors))
         out.append(_gauge("registered_bindings", "live bindings", s.registered_bindings))
+    return out
+
+
+# The edge's defences (README, "Security"): name in the raw counters -> (metric, help).
+EDGE_COUNTERS = {
+    "auth_blocks": ("auth_blocks", "sources (or source and AOR) blocked after failed logins"),
+    "auth_refused": ("auth_refused", "requests refused while their source was blocked"),
+    "relay_denied": ("relay_denied", "requests to elsewhere from callers who may not relay"),
+    "identity_mismatch": ("identity_mismatch", "authenticated users sending as someone else"),
+    "flood_blocks": ("flood_blocks", "sources blocked for sending too fast"),
+    "flood_dropped": ("flood_dropped", "messages dropped from blocked sources"),
+    "overload_rejected": ("overload_rejected", "new requests answered 503 under overload"),
+    "tcp_refused": ("tcp_refused", "TCP connections refused (over a cap, blocked source)"),
+    "tcp_partial_timeouts": ("tcp_partial_timeouts", "TCP connections closed half-way"),
+    "resources_exhausted": ("resources_exhausted", "times out of file descriptors or memory"),
+}
+EDGE_GAUGES = {
+    "overloaded": ("overloaded", "1 while new requests are shed with 503"),
+    "tcp_connections": ("tcp_connections", "open SIP TCP connections"),
+}
+
+
+def _edge(counters: Mapping[str, float]) -> list[Metric]:
+    out = [
+        _counter(metric, doc, counters.get(name, 0))
+        for name, (metric, doc) in EDGE_COUNTERS.items()
+    ]
+    out += [
+        _gauge(metric, doc, counters.get(name, 0)) for name, (metric, doc) in EDGE_GAUGES.items()
+    ]
+    out.append(
+        _gauge("queue_delay_seconds", "UDP receive queue delay (moving average)",
+               counters.get("queue_delay_ms", 0) / 1000)  # fmt: skip
+    )
+    blocked = sum(1 for name in counters if name.startswith("flood_blocked."))
+    out.append(_gauge("flood_blocked_sources", "sources blocked now (up to 20 listed)", blocked))
     return out
 
 

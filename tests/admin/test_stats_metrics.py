@@ -87,3 +87,16 @@ async def test_each_app_has_its_own_registry(site: LiveSite) -> None:
     ) as client:
         r = await client.get("/metrics")
     assert r.status_code == 200 and "p2psip_sip_requests_received_total" in r.text
+
+
+async def test_the_edge_defences_are_exported(site: LiveSite) -> None:
+    # A failed login's block and a refused relay show up as Prometheus counters.
+    site.counters.auth_blocks += 2
+    site.counters.relay_denied += 3
+    site.counters.overloaded = 1
+    got = samples((await site.client.get("/metrics")).text)
+    assert got[("p2psip_auth_blocks_total", ())] == 2
+    assert got[("p2psip_relay_denied_total", ())] == 3
+    assert got[("p2psip_overloaded", ())] == 1
+    assert ("p2psip_flood_dropped_total", ()) in got
+    assert ("p2psip_queue_delay_seconds", ()) in got
