@@ -212,6 +212,23 @@ class TrustStore:
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._keys))
 
+    def public_bytes(self, kid: str) -> bytes | None:
+        """The raw 32-byte public key of a trusted key id, or None."""
+        public = self._keys.get(kid)
+        return None if public is None else public.public_bytes_raw()
+
+    def verify_signature(self, kid: str, data: bytes, signature: bytes) -> bool:
+        """Did the trusted key ``kid`` sign ``data``? Never raises (no cache: callers
+        sign distinct messages)."""
+        public = self._keys.get(kid)
+        if public is None or len(signature) != 64:
+            return False
+        try:
+            public.verify(signature, data)
+        except (InvalidSignature, ValueError, TypeError):
+            return False
+        return True
+
     def verify(self, b: DhtBinding) -> bool:
         """True iff ``b.key_id`` is trusted and its signature is valid. Never raises.
 
