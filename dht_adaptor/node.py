@@ -214,6 +214,11 @@ class DhtNode:
         return self._store
 
     @property
+    def trust(self) -> TrustStore:
+        """The member sites' keys this node believes (shared with the rest of the site)."""
+        return self._trust
+
+    @property
     def node_id(self) -> bytes:
         return bytes(self._server.node.id)
 
