@@ -122,6 +122,7 @@ EDGE_COUNTERS = {
     "auth_refused": ("auth_refused", "requests refused while their source was blocked"),
     "relay_denied": ("relay_denied", "requests to elsewhere from callers who may not relay"),
     "identity_mismatch": ("identity_mismatch", "authenticated users sending as someone else"),
+    "relay_forged": ("relay_forged", "site relay markers without a member site's proof"),
     "flood_blocks": ("flood_blocks", "sources blocked for sending too fast"),
     "flood_dropped": ("flood_dropped", "messages dropped from blocked sources"),
     "overload_rejected": ("overload_rejected", "new requests answered 503 under overload"),

@@ -125,6 +125,10 @@ class Config:
     max_route: int = 32
     # SIGTERM: how long transactions in flight get to finish before the process exits.
     shutdown_grace: float = 10.0
+    # Member sites: their home proxies are asked for an answer this often, and a call
+    # that hears nothing from a home proxy for home_timeout seconds counts it as down.
+    site_probe_interval: float = 5.0
+    home_timeout: float = 1.2
     # DHT adaptor
     dht_rpc_timeout: float = 0.5
     dht_republish: float = 600.0
@@ -221,6 +225,8 @@ _SCALARS: dict[str, Any] = {
     "max_via": _int,
     "max_route": _int,
     "shutdown_grace": _float,
+    "site_probe_interval": _float,
+    "home_timeout": _float,
     "dht_rpc_timeout": _float,
     "dht_republish": _float,
     "dht_cache_ttl": _float,

@@ -25,6 +25,7 @@ from .lookup_cache import LookupCache
 from .sip.errors import ParseError
 from .sip.headers import parse_name_addr
 from .sip.uri import SipUri
+from .sites import SiteDirectory
 from .stats import SipCounters
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,23 @@ class DhtRoute:
     homes: tuple[SipUri, ...]  # best q first; empty when no other site holds the user
     from_cache: bool
     known: bool = True  # the overlay knows the AOR (maybe from tombstones only)
+    home_names: tuple[str, ...] = ()  # the homes as the bindings write them (same order)
 
 
 class DhtRouter:
     def __init__(
-        self, locator: RemoteLocator, counters: SipCounters, *, cache_ttl: float = 10.0
+        self,
+        locator: RemoteLocator,
+        counters: SipCounters,
+        *,
+        cache_ttl: float = 10.0,
+        sites: SiteDirectory | None = None,
     ) -> None:
         self.locator = locator
         self.home = locator.home
         self.cache = LookupCache(cache_ttl)
         self._counters = counters
+        self._sites = sites
 
     async def route(self, aor: str, ruri: SipUri, *, fresh: bool = False) -> DhtRoute:
         """The home proxies of ``aor``'s bindings at other sites (maybe none).
@@ -76,18 +84,23 @@ class DhtRouter:
         if bindings is None:
             self._counters.dht_lookups += 1
             found = await self.locator.locate(aor)
+            if self._sites is not None:
+                self._sites.learn(found.bindings, now)
             bindings = tuple(b for b in found.bindings if b.home != self.home)
             known = found.known
             self.cache.put(aor, bindings, now)
-        homes = _homes(aor, bindings)
-        return DhtRoute(aor, ruri, relayed_uri(ruri), homes, from_cache, known)
+        named = _homes(aor, bindings)
+        return DhtRoute(
+            aor, ruri, relayed_uri(ruri), tuple(uri for _, uri in named), from_cache, known,
+            tuple(name for name, _ in named),
+        )  # fmt: skip
 
     def failed(self, aor: str) -> None:
         """A call routed through the DHT failed at a home proxy: forget the entry."""
         self.cache.drop(aor)
 
 
-def _homes(aor: str, bindings: Sequence[HomeBinding]) -> tuple[SipUri, ...]:
+def _homes(aor: str, bindings: Sequence[HomeBinding]) -> list[tuple[str, SipUri]]:
     # One branch per home proxy: the home forks to its own contacts of the user.
     best: dict[str, float] = {}
     for b in bindings:
@@ -100,5 +113,5 @@ def _homes(aor: str, bindings: Sequence[HomeBinding]) -> tuple[SipUri, ...]:
             log.info("skipping home proxy %r of %s: %s", home, aor, exc)
             continue
         if isinstance(uri, SipUri):
-            homes.append(uri)
-    return tuple(homes)
+            homes.append((home, uri))
+    return homes

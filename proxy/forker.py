@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .sip import fork as f
 from .sip.forwarding import DIALOG_CREATING, ProxyIdentity, forward_copy, make_branch
-from .sip.message import Request, Response
+from .sip.message import Request, Response, make_response
 from .sip.tokens import ProxyTokens
 from .transactions import ServerTx, Transactions
 from .transport import Flow
@@ -30,6 +30,8 @@ class Target:
     uri: str | None  # new Request-URI, or None to keep it
     flow: Flow
     path: tuple[str, ...] = ()  # RFC 3327 Path of the binding: Route headers to add
+    headers: tuple[tuple[str, str], ...] = ()  # added to this branch only
+    home: str | None = None  # a member site's home proxy (proxy.sites)
 
 
 class ForkRunner:
@@ -42,7 +44,13 @@ class ForkRunner:
         *,
         on_stale: Callable[[int], None] | None = None,
         on_hold: Callable[[ForkRunner], None] | None = None,
+        answer_within: float | None = None,
+        on_silent: Callable[[int], None] | None = None,
+        branches: Sequence[Request] = (),
     ) -> None:
+        """``answer_within``: a branch that has heard nothing at all after that many
+        seconds (a stateful proxy answers 100 Trying at once) is given up as if it had
+        answered 480, and reported to ``on_silent``; ``branches`` are the requests sent."""
         self.stx = stx
         self.fork = fork
         self.flows = tuple(flows)
@@ -50,6 +58,10 @@ class ForkRunner:
         self._on_stale = on_stale
         self._on_hold = on_hold
         self._timer: asyncio.TimerHandle | None = None
+        self._answer_within = answer_within
+        self._on_silent = on_silent
+        self._branches = tuple(branches)
+        self._heard: set[int] = set()
 
     @staticmethod
     def _now() -> float:
@@ -71,7 +83,18 @@ class ForkRunner:
         return frozenset(self.flows)
 
     def _response(self, index: int, resp: Response) -> None:
+        self._heard.add(index)
         self._apply(self.fork.receive_response(index, resp, self._now()))
+
+    def _silent(self, index: int) -> None:
+        if index in self._heard or self.fork.cancelled:
+            return
+        self._heard.add(index)
+        if self._on_silent is not None:
+            self._on_silent(index)
+        # As if the home proxy had said it cannot reach the user now (RFC 3261 §21.4.18).
+        unreachable = make_response(self._branches[index], 480, "Temporarily Unavailable")
+        self._apply(self.fork.receive_response(index, unreachable, self._now()))
 
     def _timeout(self, index: int) -> None:
         self._apply(self.fork.branch_timeout(index, self._now()))
@@ -88,6 +111,10 @@ class ForkRunner:
                     on_response=functools.partial(self._response, out.index),
                     on_timeout=functools.partial(self._timeout, out.index),
                 )  # fmt: skip
+                if self._answer_within is not None and self._branches:
+                    asyncio.get_running_loop().call_later(
+                        self._answer_within, self._silent, out.index
+                    )
             elif isinstance(out, f.SendUpstream):
                 self._transactions.respond(self.stx, out.response)
             elif isinstance(out, f.CancelBranch):
@@ -147,6 +174,8 @@ class Forker:
         retry_stale: bool = False,
         on_stale: Callable[[int], None] | None = None,
         on_hold: Callable[[ForkRunner], None] | None = None,
+        answer_within: float | None = None,
+        on_silent: Callable[[int], None] | None = None,
     ) -> ForkRunner:
         rr = req.method in DIALOG_CREATING and req.to.tag is None
         # Our Record-Route carries the dialog's token (in-dialog requests must bring it
@@ -160,7 +189,7 @@ class Forker:
                     loop_hash, self._tokens.branch_unique(secrets.token_hex(6), upstream)
                 ),
                 out_transport=t.flow.transport, in_transport=stx.flow.transport,
-                record_route=rr, path=t.path, rr_token=token,
+                record_route=rr, path=t.path, rr_token=token, extra=t.headers,
             )
             for t in targets
         ]  # fmt: skip
@@ -170,6 +199,7 @@ class Forker:
         runner = ForkRunner(
             self._transactions, stx, fork, [t.flow for t in targets],
             on_stale=on_stale, on_hold=on_hold,
+            answer_within=answer_within, on_silent=on_silent, branches=branches,
         )  # fmt: skip
         runner.start()
         return runner

@@ -89,7 +89,20 @@ class HomeBinding(Protocol):
     """A binding as the overlay knows it: which home proxy holds the phone."""
 
     @property
+    def contact(self) -> str: ...
+
+    @property
     def home(self) -> str: ...
+
+    @property
+    def site(self) -> str:
+        """The name of the site that published it."""
+        ...
+
+    @property
+    def key_id(self) -> str:
+        """The id of the key that signed it (the member site)."""
+        ...
 
     @property
     def q(self) -> float: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -16,6 +17,9 @@ from .auth_gate import AuthGate
 from .dht_routing import DhtRoute, DhtRouter, is_relayed
 from .directory import LocalDirectory
 from .forker import Forker, ForkRunner, Target
+from .relay_auth import HEADER as RELAY_HEADER
+from .relay_auth import RelayVerifier, Signer
+from .relay_auth import sign as sign_relay
 from .resolver import Resolver, is_ip
 from .sip.binding import Binding
 from .sip.errors import (
@@ -40,6 +44,7 @@ from .sip.message import Request, Response, make_response
 from .sip.registrar import contact_key
 from .sip.tokens import DIALOG_PARAM, ProxyTokens
 from .sip.uri import SipUri, TelUri, aor_of
+from .sites import SiteDirectory
 from .stats import SipCounters
 from .transactions import ServerTx, Transactions
 from .transport import Flow
@@ -67,7 +72,14 @@ class Router:
         spawn: Spawn,
         tokens: ProxyTokens,
         dht: DhtRouter | None = None,
+        relay_key: Signer | None = None,
+        relays: RelayVerifier | None = None,
+        clock: Callable[[], float] = time.time,
+        sites: SiteDirectory | None = None,
+        home_timeout: float = 1.2,
     ) -> None:
+        """``relay_key`` signs the requests this site relays to other sites' home
+        proxies; ``relays`` checks those other sites relay here (proxy.relay_auth)."""
         self.me = identity
         self.domains = identity.domains
         self._transactions = transactions
@@ -80,6 +92,11 @@ class Router:
         self._spawn = spawn
         self._tokens = tokens
         self.dht = dht
+        self._relay_key = relay_key
+        self._relays = relays
+        self._clock = clock
+        self._sites = sites
+        self._home_timeout = home_timeout
 
     # --- classification ----------------------------------------------------------------
 
@@ -131,7 +148,7 @@ class Router:
         check_loop(req, self.me, h)
         ours = preprocess_routes(req, self.me)
         in_dialog = req.to.tag is not None
-        relayed = is_relayed(req.ruri)
+        relayed = self._relay_from_member(req)
         hop = next_hop_uri(req)
         ruri = req.ruri
         if isinstance(ruri, TelUri) and self.domains:
@@ -178,7 +195,7 @@ class Router:
         if self.dht is not None and not relayed:
             # Local bindings win; with none, the DHT may know the user's home proxies.
             found = await self.dht.route(aor, ruri)
-            dht_targets = await self._dht_targets(found)
+            dht_targets = await self._dht_targets(found, req)
             if dht_targets:
                 self._counters.calls_routed_dht += 1
                 log.info("%s %s to %s: through the DHT to %s%s", req.method, req.call_id,
@@ -187,10 +204,30 @@ class Router:
                 self._fork_dht(stx, h, found, dht_targets)
                 return
             known = known or found.known
+            down = [name for name in found.home_names if self._down(name)]
+            if down and len(down) == len(found.home_names):
+                # Every home proxy of the user is known to be unreachable: answer now,
+                # not after Timer B (the caller can try again; the sites come back).
+                sites = ", ".join(f"{self._site_of(n)} ({n})" for n in down)
+                log.warning("%s %s to %s: home site(s) unreachable: %s", req.method,
+                            req.call_id, aor, sites)  # fmt: skip
+                raise TemporarilyUnavailable(f"home site(s) of {aor} unreachable: {sites}")
         if known and tell:
             raise TemporarilyUnavailable(f"{aor} has no live binding")
         # Everyone else gets one answer for "no such user" and "not reachable now".
         raise NotFound(f"{aor} is not reachable" if known else f"{aor} is not registered")
+
+    def _relay_from_member(self, req: Request) -> bool:
+        """Was this request relayed here by a member site (``;p2psip=home`` and a proof
+        that verifies)? A marker without a valid proof is refused: no site sent it. The
+        proof never goes further than this proxy."""
+        marked = is_relayed(req.ruri)
+        kid = self._relays.verify(req, self._clock()) if marked and self._relays else None
+        req.headers.remove(RELAY_HEADER)
+        if marked and kid is None:
+            self._counters.relay_forged += 1
+            raise Forbidden("a relay marker without a member site's proof")
+        return marked
 
     def _local_user(self, stx: ServerTx, *, relay: bool) -> str | bool:
         """The authenticated local user; False after answering (challenge or refusal).
@@ -271,14 +308,30 @@ class Router:
             raise UnsupportedUriScheme(f"cannot route to a {hop.scheme} Path")
         return await self._resolver.via_flow(b.source, hop)
 
-    async def _dht_targets(self, found: DhtRoute) -> list[Target]:
+    async def _dht_targets(self, found: DhtRoute, req: Request) -> list[Target]:
+        headers: tuple[tuple[str, str], ...] = ()
+        if self._relay_key is not None:
+            # Signed as it will be sent: with the home proxy's Request-URI.
+            sent = req.copy()
+            sent.uri = found.ruri
+            headers = ((RELAY_HEADER, sign_relay(sent, self._relay_key, self._clock())),)
         targets = []
-        for home in found.homes:
+        for name, home in zip(found.home_names, found.homes, strict=True):
+            if self._down(name):
+                log.info("skipping home proxy %s of %s: unreachable", name, found.aor)
+                continue
             try:
-                targets.append(Target(found.ruri, await self._resolver.resolve(home)))
+                flow = await self._resolver.resolve(home)
+                targets.append(Target(found.ruri, flow, headers=headers, home=name))
             except SipError as exc:
                 log.info("skipping home proxy %s of %s: %s", home, found.aor, exc)
         return targets
+
+    def _down(self, home: str) -> bool:
+        return self._sites is not None and self._sites.is_down(home)
+
+    def _site_of(self, home: str) -> str:
+        return self._sites.site_of(home) if self._sites is not None else home
 
     def _fork_dht(self, stx: ServerTx, h: str, found: DhtRoute, targets: list[Target]) -> None:
         dht = self.dht
@@ -290,11 +343,23 @@ class Router:
         def on_hold(runner: ForkRunner) -> None:
             self._spawn(self._retry_dht(runner, h, found))
 
+        def on_silent(index: int) -> None:
+            home = targets[index].home or ""
+            log.warning("%s %s: no answer from home site %s (%s) in %.1f s",
+                        stx.request.method, stx.request.call_id, self._site_of(home), home,
+                        self._home_timeout)  # fmt: skip
+            if self._sites is not None:
+                self._sites.missed(home, self._clock(), at_once=True)
+
         # Home proxies from the cache that fail in a stale-looking way (404, 408, 480,
-        # 503, no answer) hold the final response for one fresh lookup.
+        # 503, no answer) hold the final response for one fresh lookup. An INVITE that
+        # hears nothing at all from a home proxy (it answers 100 Trying at once) within
+        # home_timeout gives that site up.
+        invite = stx.request.method == "INVITE"
         self._forker.start(
             stx, stx.request, h, targets,
             retry_stale=found.from_cache, on_stale=on_stale, on_hold=on_hold,
+            answer_within=self._home_timeout if invite else None, on_silent=on_silent,
         )  # fmt: skip
 
     async def _retry_dht(self, runner: ForkRunner, h: str, old: DhtRoute) -> None:
@@ -308,7 +373,7 @@ class Router:
             except SipError as exc:
                 log.warning("DHT lookup of %s failed: %s", old.aor, exc)
         if found is not None and not runner.fork.cancelled:
-            targets = await self._dht_targets(found)
+            targets = await self._dht_targets(found, runner.stx.request)
             # Nothing new to try (the same home proxies failed): answer now.
             if targets and not {t.flow for t in targets} <= runner.tried:
                 self._counters.dht_retries += 1

@@ -51,9 +51,12 @@ from .location import LocationError, LocationStore
 from .lockout import AuthLockout
 from .overload import OverloadControl
 from .registrar_service import RegistrarService
+from .relay_auth import RelayVerifier
 from .resolver import Resolver
 from .router import Router
 from .server import SipServer
+from .site_probe import SiteProber
+from .sites import SiteDirectory
 from .sip.forwarding import ProxyIdentity
 from .sip.message import ParseLimits
 from .sip.registrar import RegistrarConfig
@@ -244,6 +247,9 @@ class Site:
     adaptor: DhtAdaptor
     dht: DhtRouter
     services: SiteServices
+    sites: SiteDirectory
+    prober: SiteProber
+    _jobs: Tasks = field(repr=False)
     _closing: contextlib.AsyncExitStack = field(repr=False)
 
     @property
@@ -254,6 +260,7 @@ class Site:
         """Serve SIP and publish to the DHT (what run_site does before serving)."""
         self.server.serve()
         self.adaptor.start()
+        self._jobs.spawn(self.prober.run())
         await self.registrar.republish_all()
 
     def stats(self) -> dict[str, float]:
@@ -363,12 +370,16 @@ async def build_site(
             identity=me, directory=directory, transactions=transactions, auth=auth,
             publisher=adaptor, counters=counters, clock=clock,
         )  # fmt: skip
-        dht = DhtRouter(adaptor, counters, cache_ttl=config.dht_cache_ttl)
+        sites = SiteDirectory(home_uri(me))
+        dht = DhtRouter(adaptor, counters, cache_ttl=config.dht_cache_ttl, sites=sites)
+        resolver = make_resolver(transport.has_connection)
         router = Router(
             identity=me, transactions=transactions, directory=directory, auth=auth,
-            resolver=make_resolver(transport.has_connection),
+            resolver=resolver,
             forker=Forker(transactions, me, tokens, timer_c=timers.timer_c),
             counters=counters, send=transport.send, spawn=tasks.spawn, tokens=tokens, dht=dht,
+            relay_key=key, relays=RelayVerifier(node.trust), clock=clock,
+            sites=sites, home_timeout=config.home_timeout,
         )  # fmt: skip
         server = SipServer(
             transport, transactions,
@@ -386,9 +397,15 @@ async def build_site(
             token=admin_token(config), clock=clock, require_peers=bool(config.bootstrap),
             auth_enabled=lambda: auth.enabled,
         )  # fmt: skip
+        prober = SiteProber(
+            sites, transactions, resolver, me,
+            clock=clock, interval=config.site_probe_interval, timeout=config.home_timeout,
+        )  # fmt: skip
+        jobs = Tasks("site job")
+        stack.push_async_callback(jobs.close)
         site = Site(
             config, me, counters, store, users, auth, registrar, router, server,
-            node, key, adaptor, dht, services, stack.pop_all(),
+            node, key, adaptor, dht, services, sites, prober, jobs, stack.pop_all(),
         )  # fmt: skip
         return site
     raise AssertionError("unreachable")  # the stack re-raises what failed

@@ -22,6 +22,7 @@ class SipCounters:
     auth_refused: int = 0  # requests refused while their source was blocked
     relay_denied: int = 0  # requests to elsewhere refused (not an authenticated local user)
     identity_mismatch: int = 0  # authenticated users naming someone else in From
+    relay_forged: int = 0  # site relay markers without a member site's valid proof
     calls_routed_local: int = 0
     calls_routed_dht: int = 0
     dht_lookups: int = 0

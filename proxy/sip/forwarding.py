@@ -156,6 +156,7 @@ def forward_copy(
     record_route: bool,
     path: tuple[str, ...] = (),
     rr_token: str | None = None,
+    extra: tuple[tuple[str, str], ...] = (),
 ) -> Request:
     """§16.6: the request sent to one target.
 
@@ -175,6 +176,8 @@ def forward_copy(
         if in_transport != out_transport:
             fwd.headers.insert_before_first("Record-Route", me.rr_uri(in_transport, rr_token))
         fwd.headers.insert_before_first("Record-Route", me.rr_uri(out_transport, rr_token))
+    for name, value in extra:
+        fwd.headers.add(name, value)
     fwd.headers.insert_before_first("Via", me.via(out_transport, branch))
     return fwd
 

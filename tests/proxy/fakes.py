@@ -230,6 +230,9 @@ class HomeRecord:
     home: str
     q: float = 1.0
     expires_at: float = math.inf
+    contact: str = "sip:phone@192.0.2.99"
+    site: str = "elsewhere"
+    key_id: str = "0" * 16
 
     def is_live(self, now: float) -> bool:
         return self.expires_at > now

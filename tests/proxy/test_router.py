@@ -15,12 +15,16 @@ from typing import cast
 
 import pytest
 
+from dht_adaptor.keys import SiteKey, TrustStore
 from dht_adaptor.location import MemoryStore
 from proxy.auth_gate import AuthGate
 from proxy.dht_routing import DhtRouter
 from proxy.directory import LocalDirectory
 from proxy.forker import Forker
 from proxy.location import LocationUnavailable
+from proxy.relay_auth import HEADER as RELAY_HEADER
+from proxy.relay_auth import RelayVerifier
+from proxy.relay_auth import sign as sign_relay
 from proxy.resolver import Resolver
 from proxy.router import Router
 from proxy.sip.binding import Binding
@@ -58,6 +62,10 @@ FROM_TAG = "f00d"  # the caller's tag in every request of .messages
 CALL_ID = "call-1@192.0.2.10"
 # Our Record-Route in the dialog of CALL_ID, as in-dialog requests bring it back.
 OUR_RR = ME.rr_uri("udp", TOKENS.dialog(CALL_ID, FROM_TAG))
+OUR_KEY = SiteKey.generate()  # this site's key: it signs what we relay
+MEMBER = SiteKey.generate()  # another member site: it relays to us
+STRANGER = SiteKey.generate()  # not in our trust folder
+TRUST = TrustStore({k.key_id: k.public_bytes for k in (OUR_KEY, MEMBER)})
 
 
 @dataclass
@@ -113,6 +121,7 @@ def proxy(*, dht: bool = False, users: tuple[tuple[str, str], ...] = ()) -> Prox
         forker=Forker(transactions, ME, TOKENS, timer_c=180.0), counters=counters,
         send=lambda flow, data: sent.append((flow, data)), spawn=spawner, tokens=TOKENS,
         dht=DhtRouter(locator, counters) if dht else None,
+        relay_key=OUR_KEY, relays=RelayVerifier(TRUST), clock=clock,
     )  # fmt: skip
     return Proxy(
         router, transactions, store, directory, locator, resolver, sent, spawner, counters,
@@ -122,6 +131,12 @@ def proxy(*, dht: bool = False, users: tuple[tuple[str, str], ...] = ()) -> Prox
 
 def invite(ruri: str = BOB, **kw: object) -> Request:
     return request("INVITE", ruri, **kw)
+
+
+def relayed(req: Request, clock: ManualClock, key: SiteKey = MEMBER) -> Request:
+    """``req`` as a member site relays it: with its signed proof."""
+    req.headers.add(RELAY_HEADER, sign_relay(req, key, clock()))
+    return req
 
 
 ALICE = ("alice", "wonderland")  # a local user, for sites with users
@@ -312,7 +327,7 @@ async def test_a_relayed_request_never_goes_to_the_dht() -> None:
     p = proxy(dht=True)
     p.locator.bindings[BOB] = [HomeRecord(SITE_B)]
     with pytest.raises(NotFound):
-        await p.route(invite("sip:bob@example.com;p2psip=home"))
+        await p.route(relayed(invite("sip:bob@example.com;p2psip=home"), p.clock))
     assert p.locator.lookups == []
     assert p.transactions.started == []
 
@@ -320,8 +335,43 @@ async def test_a_relayed_request_never_goes_to_the_dht() -> None:
 async def test_a_relayed_request_reaches_the_local_binding() -> None:
     p = proxy(dht=True)
     await p.bind(BOB_DESK)
-    await p.route(invite("sip:bob@example.com;p2psip=home"))
-    assert [b.request.uri for b in p.transactions.branches()] == [BOB_DESK]
+    await p.route(relayed(invite("sip:bob@example.com;p2psip=home"), p.clock))
+    [branch] = p.transactions.branches()
+    assert branch.request.uri == BOB_DESK
+    assert RELAY_HEADER not in branch.request.headers  # the proof stops here
+
+
+async def test_what_we_relay_carries_our_proof() -> None:
+    p = proxy(dht=True)
+    p.locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    await p.route(invite())
+    [branch] = p.transactions.branches()
+    # The home proxy (which trusts our key) accepts it, once.
+    home = RelayVerifier(TrustStore({OUR_KEY.key_id: OUR_KEY.public_bytes}))
+    assert home.verify(branch.request, p.clock()) == OUR_KEY.key_id
+    assert home.verify(branch.request, p.clock()) is None  # a replay
+
+
+@pytest.mark.parametrize("how", ["none", "stranger", "stale", "tampered", "replayed"])
+async def test_a_relay_marker_without_a_valid_proof_is_refused(how: str) -> None:
+    p = proxy(dht=True)
+    await p.bind(BOB_DESK)
+    req = invite("sip:bob@example.com;p2psip=home")
+    if how == "stranger":
+        relayed(req, p.clock, STRANGER)
+    elif how == "stale":
+        req.headers.add(RELAY_HEADER, sign_relay(req, MEMBER, p.clock() - 60))
+    elif how == "tampered":
+        relayed(req, p.clock)
+        req.headers.set("From", "<sip:mallory@evil.test>;tag=1")
+    elif how == "replayed":
+        relayed(req, p.clock)
+        await p.route(req.copy())  # the first one is fine
+        p.transactions.started.clear()
+    with pytest.raises(Forbidden):
+        await p.route(req)
+    assert p.transactions.started == []
+    assert p.counters.relay_forged == 1
 
 
 async def test_the_dht_unavailable_is_a_503_with_retry_after() -> None:
