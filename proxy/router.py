@@ -204,14 +204,6 @@ class Router:
                 self._fork_dht(stx, h, found, dht_targets)
                 return
             known = known or found.known
-            down = [name for name in found.home_names if self._down(name)]
-            if down and len(down) == len(found.home_names):
-                # Every home proxy of the user is known to be unreachable: answer now,
-                # not after Timer B (the caller can try again; the sites come back).
-                sites = ", ".join(f"{self._site_of(n)} ({n})" for n in down)
-                log.warning("%s %s to %s: home site(s) unreachable: %s", req.method,
-                            req.call_id, aor, sites)  # fmt: skip
-                raise TemporarilyUnavailable(f"home site(s) of {aor} unreachable: {sites}")
         if known and tell:
             raise TemporarilyUnavailable(f"{aor} has no live binding")
         # Everyone else gets one answer for "no such user" and "not reachable now".
@@ -315,11 +307,16 @@ class Router:
             sent = req.copy()
             sent.uri = found.ruri
             headers = ((RELAY_HEADER, sign_relay(sent, self._relay_key, self._clock())),)
+        # Home proxies known to be unreachable are left out while another one is up;
+        # when all are down they are tried all the same (they may be back before the
+        # prober notices), and a silent one still ends within home_timeout.
+        homes = list(zip(found.home_names, found.homes, strict=True))
+        up = [(name, home) for name, home in homes if not self._down(name)]
+        if up and len(up) < len(homes):
+            skipped = ", ".join(name for name, _ in homes if self._down(name))
+            log.info("%s: skipping home proxies known to be unreachable: %s", found.aor, skipped)
         targets = []
-        for name, home in zip(found.home_names, found.homes, strict=True):
-            if self._down(name):
-                log.info("skipping home proxy %s of %s: unreachable", name, found.aor)
-                continue
+        for name, home in up or homes:
             try:
                 flow = await self._resolver.resolve(home)
                 targets.append(Target(found.ruri, flow, headers=headers, home=name))

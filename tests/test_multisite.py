@@ -168,11 +168,60 @@ def test_unreachable_home_proxy_gives_a_clean_failure(deployment, phone_factory)
     wait_found(deployment, s2, "bob", {home(s4)})
     # Site 4's proxy dies; the DHT (site 4's standalone node too) still names it as home.
     s4.services["proxy"].stop(signal.SIGKILL)
+    started = time.monotonic()
     alice.call(f"sip:bob@{DOMAIN}")
-    # Timer B (64*T1 = 32 s) at site 2's proxy ends it with a final response, no hang.
+    # No answer at all from bob's home proxy (not even 100 Trying) gives it up after
+    # home_timeout: a final answer in about a second, not after Timer B (32 s).
     state = alice.wait_state("DISCONNECTED", timeout=45)
-    assert state["code"] in (408, 480, 503), state
-    assert s2.services["proxy"].alive()
+    assert state["code"] in (480, 503), state
+    assert time.monotonic() - started < 10  # generous on a busy machine; Timer B is 32 s
+    proxy = s2.services["proxy"]
+    assert proxy.alive()
+    assert f"no answer from home site site4 ({home(s4)})" in proxy.log(), proxy.log()
+    assert "site site4 at " in proxy.log() and "is unreachable" in proxy.log(), proxy.log()
+    # The next call ends as fast (the site may have come back: it is tried again).
+    started = time.monotonic()
+    alice.call(f"sip:bob@{DOMAIN}")
+    assert alice.wait_state("DISCONNECTED", timeout=15)["code"] in (480, 503)
+    assert time.monotonic() - started < 10
+
+
+def test_a_spoofed_site_relay_rings_nothing(deployment, phone_factory) -> None:
+    import socket
+    import uuid
+
+    s2, _s3, s4 = deployment.start_sites([2, 3, 4])
+    bob = phone_factory("bob", bind_ip=s4.host)
+    assert bob.register(s4.sip, "bob", DOMAIN) == 200
+    # From an address that is no member site, a request dressed as a relay between sites.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.9", 0))
+        sock.settimeout(5)
+        port = sock.getsockname()[1]
+        for from_ in (f"sip:alice@{DOMAIN}", "sip:mallory@evil.test"):
+            call_id = uuid.uuid4().hex
+            sock.sendto(
+                (
+                    f"INVITE sip:bob@{DOMAIN};p2psip=home SIP/2.0\r\n"
+                    f"Via: SIP/2.0/UDP 127.0.0.9:{port};branch=z9hG4bK{call_id[:12]};rport\r\n"
+                    f"Max-Forwards: 70\r\nFrom: <{from_}>;tag=spoof\r\n"
+                    f"To: <sip:bob@{DOMAIN}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+                    f"Contact: <sip:x@127.0.0.9:{port}>\r\nContent-Length: 0\r\n\r\n"
+                ).encode(),
+                (s4.host, s4.sip_port),
+            )
+            statuses = []
+            while not statuses or statuses[-1] < 200:
+                reply = sock.recv(65535).decode()
+                statuses.append(int(reply.split()[1]))
+            assert statuses[-1] == 403, statuses
+    with pytest.raises(Exception, match="incoming"):
+        bob.wait_incoming(timeout=1)
+    # A genuine relay between member sites still rings bob.
+    alice = phone_factory("alice", bind_ip=s2.host)
+    assert alice.register(s2.sip, "alice", DOMAIN) == 200
+    wait_found(deployment, s2, "bob", {home(s4)})
+    call(alice, bob, f"sip:bob@{DOMAIN}")
 
 
 def test_reinvite_and_bye_cross_both_proxies(deployment, phone_factory) -> None:
