@@ -132,7 +132,9 @@ class Config:
     # DHT adaptor
     dht_rpc_timeout: float = 0.5
     dht_republish: float = 600.0
-    dht_cache_ttl: float = 10.0  # seconds a DHT lookup result serves later calls
+    # seconds a DHT lookup result serves later calls after its last use (ten times as
+    # long at most after the lookup); a failed call drops it at once
+    dht_cache_ttl: float = 60.0
     dht_lookup_timeout: float = 3.0
 
     def __repr__(self) -> str:  # never show the admin token

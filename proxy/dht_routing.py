@@ -63,7 +63,7 @@ class DhtRouter:
         locator: RemoteLocator,
         counters: SipCounters,
         *,
-        cache_ttl: float = 10.0,
+        cache_ttl: float = 60.0,
         sites: SiteDirectory | None = None,
     ) -> None:
         self.locator = locator

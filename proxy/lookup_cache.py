@@ -1,32 +1,49 @@
-"""A short-lived cache of DHT lookups, so that a burst of calls to one user costs one get.
+"""A cache of DHT lookups, so that calls to one user cost one get, not one each.
 
-Free of I/O: the caller passes the time. An entry is dropped when a call routed by it
-fails at the home proxy (404, 408, 480, 503 or a timeout), so the next call looks again.
+Free of I/O: the caller passes the time. An entry serves calls while its bindings are
+live, for ``ttl`` seconds after it last served one (a hit refreshes it), and never longer
+than ``max_age`` seconds after the lookup that filled it. It is dropped at once when a
+call routed by it fails at the home proxy (404, 408, 480, 503 or no answer): the phone
+may have moved, so the next call looks again (see ``proxy.router``'s stale retry).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from .location import HomeBinding
 
 
+@dataclass(slots=True)
+class _Entry:
+    stored_at: float
+    used_at: float
+    bindings: tuple[HomeBinding, ...]
+
+
 class LookupCache:
-    def __init__(self, ttl: float = 10.0, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, ttl: float = 60.0, max_entries: int = 10_000, *, max_age: float | None = None
+    ) -> None:
+        """``max_age`` defaults to ten times ``ttl``."""
         self.ttl = ttl
+        self.max_age = 10 * ttl if max_age is None else max_age
         self.max_entries = max_entries
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[str, tuple[float, tuple[HomeBinding, ...]]] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
     def get(self, aor: str, now: float) -> tuple[HomeBinding, ...] | None:
         """The cached live bindings of ``aor``, or None (a miss) when there are none."""
         entry = self._entries.get(aor)
         if entry is not None:
-            stored_at, bindings = entry
-            fresh = tuple(b for b in bindings if b.is_live(now))
-            if now - stored_at < self.ttl and fresh:
+            fresh = tuple(b for b in entry.bindings if b.is_live(now))
+            if fresh and now - entry.used_at < self.ttl and now - entry.stored_at < self.max_age:
                 self.hits += 1
+                entry.used_at = now
+                entry.bindings = fresh
+                self._entries.move_to_end(aor)
                 return fresh
             del self._entries[aor]
         self.misses += 1
@@ -35,7 +52,7 @@ class LookupCache:
     def put(self, aor: str, bindings: tuple[HomeBinding, ...], now: float) -> None:
         if not bindings or self.ttl <= 0:
             return  # "not found" is not cached: the user may register any moment
-        self._entries[aor] = (now, bindings)
+        self._entries[aor] = _Entry(now, now, bindings)
         self._entries.move_to_end(aor)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -138,13 +138,27 @@ async def test_failed_drops_the_entry() -> None:
     assert counters.dht_lookups == 2
 
 
-async def test_entries_last_the_cache_ttl() -> None:
+async def test_entries_last_the_cache_ttl_after_their_last_use() -> None:
     router, locator, counters, clock = dht_router(ttl=10.0)
     locator.bindings[BOB] = [HomeRecord(SITE_B)]
     await router.route(BOB, RURI)
     clock.advance(9.9)
     assert (await router.route(BOB, RURI)).from_cache
-    clock.advance(0.2)
+    clock.advance(9.9)  # a hit refreshed it: calls 9.9 s apart keep using it
+    assert (await router.route(BOB, RURI)).from_cache
+    clock.advance(10.1)  # unused for longer than the ttl
+    assert not (await router.route(BOB, RURI)).from_cache
+    assert counters.dht_lookups == 2
+
+
+async def test_a_busy_entry_is_looked_up_again_after_its_max_age() -> None:
+    router, locator, counters, clock = dht_router(ttl=10.0)  # max age: 100 s
+    locator.bindings[BOB] = [HomeRecord(SITE_B)]
+    await router.route(BOB, RURI)
+    for _ in range(11):  # up to 99 s after the lookup, every call hits
+        clock.advance(9.0)
+        assert (await router.route(BOB, RURI)).from_cache
+    clock.advance(9.0)  # 108 s
     assert not (await router.route(BOB, RURI)).from_cache
     assert counters.dht_lookups == 2
 
