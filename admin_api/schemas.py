@@ -247,6 +247,94 @@ class LookupOut(Model):
     rejected: int = Field(description="bindings in the answers that failed verification")
 
 
+# --- trust between sites ------------------------------------------------------------------
+
+# What the site checks (dht_adaptor.trust_folder.SCOPE_PATTERN; a test holds them equal): a
+# domain (maybe a glob, *.example.com) or an AOR glob, sip:*@example.com.
+_HOST_GLOB = r"[A-Za-z0-9*?][A-Za-z0-9.*?-]{0,252}"
+_USER_GLOB = r"[A-Za-z0-9._~!*?'()&=+$,;/%-]{1,128}"
+SCOPE_PATTERN = rf"^(?:(?:[sS][iI][pP][sS]?:)?{_USER_GLOB}@)?{_HOST_GLOB}$"
+KEY_ID_PATTERN = r"^[0-9a-f]{16}$"
+RAW_KEY_PATTERN = r"^[A-Za-z0-9+/]{43}=$"  # base64 of 32 bytes
+SIGNATURE_PATTERN = r"^[A-Za-z0-9+/]{86}==$"  # base64 of 64 bytes
+# A site.pub as it is: PEM SubjectPublicKeyInfo of an Ed25519 key (its DER has a fixed
+# 12-byte head, "MCowBQYDK2VwAyEA" in base64), or the raw key in base64.
+_PEM_KEY = (
+    r"-----BEGIN PUBLIC KEY-----\s*MCowBQYDK2VwAyEA[A-Za-z0-9+/]{43}=\s*-----END PUBLIC KEY-----\s*"
+)
+PUBLIC_KEY_PATTERN = rf"^(?:[A-Za-z0-9+/]{{43}}=|{_PEM_KEY})$"
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+ScopePattern = Annotated[str, Field(pattern=SCOPE_PATTERN, examples=["example.com"])]
+
+
+class TrustedKeyOut(Model):
+    key_id: str = Field(description="16 hex digits of sha256 over the raw public key")
+    public_key: str = Field(description="the raw 32-byte Ed25519 key, base64")
+    own: bool = Field(description="this site's own key (cannot be removed)")
+    file: str | None = Field(description="the file in the trust folder that trusts it")
+    endorsed_by: str | None = Field(description="the key id whose endorsement trusts it")
+    scope: list[str] | None = Field(
+        description="the domains and AOR globs it may publish bindings for; null: any AOR"
+    )
+
+
+class TrustOut(Model):
+    folder: str | None = Field(description="the trust folder (--trust); null: none")
+    error: str | None = Field(
+        description="why the last reload of the folder failed (the trust before is kept)"
+    )
+    keys: list[TrustedKeyOut]
+
+
+class NewTrustedKey(Model):
+    public_key: Annotated[
+        str,
+        Field(
+            pattern=PUBLIC_KEY_PATTERN,
+            max_length=512,
+            description="the site's site.pub (PEM), or its raw Ed25519 key in base64",
+        ),
+    ]
+    scope: Annotated[list[ScopePattern], Field(max_length=256)] | None = Field(
+        default=None,
+        description="domains (example.com, *.example.com) or AOR globs (sip:*@example.com) "
+        "it may publish bindings for; null or left out: any AOR",
+    )
+    name: Annotated[str, Field(pattern=KEY_NAME_PATTERN)] | None = Field(
+        default=None,
+        description="the file's name in the trust folder (NAME.pub, NAME.scope); "
+        "default: the file that holds the key already, else its key id",
+    )
+
+
+class EndorsementBody(Model):
+    """What ``p2psip keygen --rotate`` writes to OLDID-NEWID.endorsement."""
+
+    v: Literal[1]
+    old_key_id: Annotated[str, Field(pattern=KEY_ID_PATTERN)]
+    new_key_id: Annotated[str, Field(pattern=KEY_ID_PATTERN)]
+    new_public_key: Annotated[str, Field(pattern=RAW_KEY_PATTERN)]
+    signature: Annotated[str, Field(pattern=SIGNATURE_PATTERN)]
+
+
+class NewEndorsedKey(Model):
+    endorsement: EndorsementBody
+
+
+def _trust_kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "endorsement" if "endorsement" in value else "key"
+    return "endorsement" if isinstance(value, NewEndorsedKey) else "key"
+
+
+# A key (and its scope), or a rotated key endorsed by a trusted one: "oneOf".
+TrustRequest = Annotated[
+    Annotated[NewTrustedKey, Tag("key")] | Annotated[NewEndorsedKey, Tag("endorsement")],
+    Discriminator(_trust_kind),
+]
+
+
 # --- statistics ---------------------------------------------------------------------------
 
 

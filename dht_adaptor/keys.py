@@ -1,10 +1,18 @@
-"""Site keys and the trust store: who may publish bindings into the DHT.
+"""Site keys and the trust store: who may publish bindings into the DHT, and for which AORs.
 
 Every site has one Ed25519 key. ``DIR/site.key`` (PEM PKCS#8, mode 0600) is secret;
-``DIR/site.pub`` (PEM SubjectPublicKeyInfo) is copied into the trust directory of every
-other site. A binding counts only if its ``key_id`` names a trusted key and its signature
-over :meth:`DhtBinding.signing_bytes` verifies; anything else any DHT node returns is
-dropped. The DHT itself is open, so signatures, not node ids, decide what is believed.
+``DIR/site.pub`` (PEM SubjectPublicKeyInfo) is copied into the trust folder of every
+other site (:mod:`dht_adaptor.trust_folder` describes the folder: keys, their scopes,
+endorsements of rotated keys). A binding counts only if its ``key_id`` names a trusted
+key, the key's scope allows its AOR, and its signature over
+:meth:`DhtBinding.signing_bytes` verifies; anything else any DHT node returns is dropped,
+and anything else a node is sent is refused.
+
+The :class:`TrustStore` is one object shared by the site's DHT node, record store and
+relays. Its trust changes at run time (the folder is polled, SIGHUP, the admin API):
+:meth:`TrustStore.reload` swaps its key table in one assignment, and every check reads
+the table of the moment, so a removed key stops counting at once, cached verifications
+included.
 
 Errors reading or writing key files are :class:`KeyFileError` with a one-line message
 naming the file, fit to print before exiting (``p2psip`` exits 2).
@@ -12,45 +20,60 @@ naming the file, fit to print before exiting (``p2psip`` exits 2).
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import dataclasses
-import errno
-import hashlib
 import logging
-import os
-import re
-import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dht_adaptor.record import DhtBinding
+from dht_adaptor.trust_folder import (
+    MAX_KEY_FILE_BYTES,
+    RAW,
+    Endorsement,
+    Fingerprint,
+    KeyFileError,
+    Scope,
+    TrustedKey,
+    algorithm,
+    fingerprint,
+    key_id,
+    load_public_key,
+    make_dir,
+    public_pem,
+    read_file,
+    read_folder,
+    refusing,
+    write_file,
+)
+
+__all__ = [
+    "MAX_KEY_FILE_BYTES",
+    "Endorsement",
+    "KeyFileError",
+    "Scope",
+    "SiteKey",
+    "TrustChange",
+    "TrustStore",
+    "TrustedKey",
+    "endorse",
+    "key_id",
+    "load_public_key",
+    "rotate",
+    "sign_binding",
+]
 
 log = logging.getLogger(__name__)
 
 KEY_FILE = "site.key"
 PUB_FILE = "site.pub"
-MAX_KEY_FILE_BYTES = 64 * 1024  # a PEM Ed25519 key is about 120 bytes
-_RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
-
-
-class KeyFileError(Exception):
-    """A key file or trust dir that cannot be read/written/parsed.
-
-    The message is one line fit for the operator (the CLI prints it and exits 2).
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(re.sub(r"\s+", " ", message).strip())
-
-
-def key_id(public_bytes: bytes) -> str:
-    """16 hex characters of sha256 over the raw 32-byte public key."""
-    return hashlib.sha256(public_bytes).hexdigest()[:16]
+WATCH_INTERVAL = 2.0  # seconds between two looks at the trust folder
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -61,7 +84,7 @@ class SiteKey:
     public_bytes: bytes  # raw 32 bytes
 
     def __post_init__(self) -> None:
-        if self.private.public_key().public_bytes(*_RAW) != self.public_bytes:
+        if self.private.public_key().public_bytes(*RAW) != self.public_bytes:
             raise ValueError("public_bytes is not the public half of the private key")
 
     def __eq__(self, other: object) -> bool:
@@ -85,17 +108,17 @@ class SiteKey:
 
     @classmethod
     def _of(cls, private: Ed25519PrivateKey) -> SiteKey:
-        return cls(private=private, public_bytes=private.public_key().public_bytes(*_RAW))
+        return cls(private=private, public_bytes=private.public_key().public_bytes(*RAW))
 
     @classmethod
     def load(cls, data_dir: Path) -> SiteKey:
         """The key in ``DIR/site.key``."""
         path = Path(data_dir) / KEY_FILE
-        data = _read(path)
-        with _refusing(path, "an Ed25519 private key"):
+        data = read_file(path, secret=True)
+        with refusing(str(path), "an Ed25519 private key"):
             private = serialization.load_pem_private_key(data, password=None)
         if not isinstance(private, Ed25519PrivateKey):
-            raise KeyFileError(f"{path}: holds a {_algorithm(private)} key, not Ed25519")
+            raise KeyFileError(f"{path}: holds a {algorithm(private)} key, not Ed25519")
         return cls._of(private)
 
     def save(self, data_dir: Path, *, overwrite: bool = False) -> None:
@@ -105,9 +128,9 @@ class SiteKey:
         holding a different key is kept (KeyFileError) unless ``overwrite``: other sites
         trust the old public key, so replacing it silently would cut this site off.
         """
-        directory = _make_dir(data_dir)
+        directory = make_dir(data_dir)
         path = directory / KEY_FILE
-        if not _create(path, self._private_pem(), 0o600, overwrite=overwrite):
+        if not write_file(path, self.private_pem(), 0o600, overwrite=overwrite):
             existing = SiteKey.load(directory)
             if existing != self:
                 raise KeyFileError(
@@ -123,9 +146,9 @@ class SiteKey:
         it. ``site.pub`` is rewritten if it is missing or does not match. An unreadable
         ``site.key`` is an error, never replaced.
         """
-        directory = _make_dir(data_dir)
+        directory = make_dir(data_dir)
         if not (directory / KEY_FILE).exists():
-            _create(directory / KEY_FILE, cls.generate()._private_pem(), 0o600, overwrite=False)
+            write_file(directory / KEY_FILE, cls.generate().private_pem(), 0o600, overwrite=False)
         key = cls.load(directory)
         pub = directory / PUB_FILE
         try:
@@ -138,7 +161,7 @@ class SiteKey:
             key._save_pub(directory)
         return key
 
-    def _private_pem(self) -> bytes:
+    def private_pem(self) -> bytes:
         return self.private.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -146,107 +169,185 @@ class SiteKey:
         )
 
     def _save_pub(self, directory: Path) -> None:
-        pem = self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        _create(directory / PUB_FILE, pem, 0o644, overwrite=True)
+        write_file(directory / PUB_FILE, public_pem(self.public_bytes), 0o644, overwrite=True)
 
     def sign(self, data: bytes) -> bytes:
         return self.private.sign(data)
 
 
-def load_public_key(path: Path) -> bytes:
-    """The raw 32 bytes of the Ed25519 public key in a PEM ``*.pub`` file."""
-    path = Path(path)
-    data = _read(path)
-    with _refusing(path, "an Ed25519 public key"):
-        public = serialization.load_pem_public_key(data)
-    if not isinstance(public, Ed25519PublicKey):
-        raise KeyFileError(f"{path}: holds a {_algorithm(public)} key, not Ed25519")
-    return public.public_bytes(*_RAW)
+def endorse(old: SiteKey, new_public: bytes) -> Endorsement:
+    """``old``'s endorsement of the key ``new_public``: whoever trusts ``old`` trusts it."""
+    signature = old.sign(Endorsement.signing_bytes(old.public_bytes, new_public))
+    return Endorsement(old.key_id, key_id(new_public), new_public, signature)
 
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """What :func:`rotate` wrote."""
+
+    old: SiteKey
+    new: SiteKey
+    endorsement: Endorsement
+    endorsement_path: Path
+    backup: Path  # the old private key
+
+
+def rotate(data_dir: Path) -> Rotation:
+    """Replace the key in ``DIR`` by a new one that the old one endorses.
+
+    Writes, in this order (each atomically): ``DIR/site-OLDID.key``, a copy of the old
+    key (to roll back); ``DIR/OLDID-NEWID.endorsement``; the new ``site.key`` and
+    ``site.pub``. A running site keeps signing with the key it loaded until restarted.
+    """
+    directory = Path(data_dir)
+    old = SiteKey.load(directory)
+    new = SiteKey.generate()
+    endorsement = endorse(old, new.public_bytes)
+    backup = directory / f"site-{old.key_id}.key"
+    write_file(backup, old.private_pem(), 0o600, overwrite=True)
+    endorsement_path = directory / endorsement.file_name
+    write_file(endorsement_path, endorsement.encode(), 0o644, overwrite=True)
+    new.save(directory, overwrite=True)
+    return Rotation(old, new, endorsement, endorsement_path, backup)
+
+
+# -- the trust store -------------------------------------------------------------------
 
 VERIFIED_CACHE_SIZE = 65_536  # bindings remembered as verified (about 30 MB at most)
 
 
-class TrustStore:
-    """The public keys whose bindings this site believes, by key id."""
+@dataclass(frozen=True, slots=True)
+class TrustChange:
+    """Key ids that became trusted, stopped being trusted, or got another scope."""
 
-    def __init__(self, keys: Mapping[str, bytes]) -> None:
-        self._keys: dict[str, Ed25519PublicKey] = {}
-        self._verified: dict[DhtBinding, None] = {}  # insertion-ordered: oldest first
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    rescoped: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.rescoped)
+
+
+class _Entry(NamedTuple):
+    key: TrustedKey
+    public: Ed25519PublicKey
+
+
+class TrustStore:
+    """The public keys whose bindings this site believes, by key id, with their scopes."""
+
+    def __init__(
+        self, keys: Mapping[str, bytes], *, scopes: Mapping[str, Scope] | None = None
+    ) -> None:
+        """A fixed set of keys (no folder); ``scopes`` limits some of them."""
+        table: dict[str, TrustedKey] = {}
         for kid, public_bytes in keys.items():
             if len(public_bytes) != 32 or key_id(public_bytes) != kid:
                 raise ValueError(f"key id {kid!r} does not match its 32-byte public key")
-            self._keys[kid] = Ed25519PublicKey.from_public_bytes(public_bytes)
+            table[kid] = TrustedKey(kid, public_bytes, (scopes or {}).get(kid))
+        self._table: Mapping[str, _Entry] = {}
+        self._verified: dict[DhtBinding, bytes] = {}  # -> the public key; oldest first
+        self._folder: Path | None = None
+        self._own: SiteKey | None = None
+        self._seen: Fingerprint = ()
+        self._error: str | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._install(table)
 
     @classmethod
     def from_dir(cls, trust_dir: Path | None, own: SiteKey | None) -> TrustStore:
-        """Every ``DIR/*.pub`` (dot-files skipped) plus ``own``.
+        """The keys of a trust folder plus ``own``; :meth:`reload` reads the folder again.
 
         Without a trust dir only ``own`` is trusted: a single site trusts itself. A
-        missing dir, or any file in it that is not an Ed25519 public key, is an error
-        naming it; a typo in the trust setup must not silently distrust a site.
+        missing dir, or any bad file in it, is a KeyFileError naming it; a typo in the
+        trust setup must not silently distrust a site.
         """
-        keys: dict[str, bytes] = {}
-        if trust_dir is not None:
-            directory = Path(trust_dir)
-            try:
-                names = sorted(p for p in directory.iterdir() if p.suffix == ".pub")
-            except OSError as exc:
-                raise KeyFileError(f"cannot read trust dir {directory}: {_reason(exc)}") from None
-            for path in names:
-                if not path.name.startswith("."):
-                    public = load_public_key(path)
-                    keys[key_id(public)] = public
-        if own is not None:
-            keys[own.key_id] = own.public_bytes
-        return cls(keys)
+        store = cls({})
+        store._folder = None if trust_dir is None else Path(trust_dir)
+        store._own = own
+        store.load()
+        return store
+
+    # -- reading the table (every check reads the table of the moment) -----------------
 
     def __contains__(self, key_id: object) -> bool:
-        return key_id in self._keys
+        return key_id in self._table
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._table)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._keys))
+        return iter(sorted(self._table))
+
+    def get(self, kid: str) -> TrustedKey | None:
+        entry = self._table.get(kid)
+        return None if entry is None else entry.key
+
+    def entries(self) -> tuple[TrustedKey, ...]:
+        """Every trusted key, by key id."""
+        table = self._table
+        return tuple(table[kid].key for kid in sorted(table))
+
+    @property
+    def folder(self) -> Path | None:
+        """The trust folder, if the trust comes from one (and may change)."""
+        return self._folder
+
+    @property
+    def error(self) -> str | None:
+        """Why the last reload of the folder failed (the previous trust was kept)."""
+        return self._error
 
     def public_bytes(self, kid: str) -> bytes | None:
-        """The raw 32-byte public key of a trusted key id, or None."""
-        public = self._keys.get(kid)
-        return None if public is None else public.public_bytes_raw()
+        """The raw 32-byte public key of a trusted key id, or None (whatever its scope)."""
+        entry = self._table.get(kid)
+        return None if entry is None else entry.key.public_bytes
+
+    def allows(self, kid: str, aor: str) -> bool:
+        """Is ``kid`` trusted, and may it publish bindings of ``aor``? Never raises."""
+        try:
+            entry = self._table.get(kid)
+        except TypeError:  # an unhashable kid
+            return False
+        return entry is not None and entry.key.allows(aor)
 
     def verify_signature(self, kid: str, data: bytes, signature: bytes) -> bool:
         """Did the trusted key ``kid`` sign ``data``? Never raises (no cache: callers
-        sign distinct messages)."""
-        public = self._keys.get(kid)
-        if public is None or len(signature) != 64:
+        sign distinct messages; no scope: nothing here names an AOR)."""
+        entry = self._table.get(kid)
+        if entry is None or len(signature) != 64:
             return False
         try:
-            public.verify(signature, data)
+            entry.public.verify(signature, data)
         except (InvalidSignature, ValueError, TypeError):
             return False
         return True
 
     def verify(self, b: DhtBinding) -> bool:
-        """True iff ``b.key_id`` is trusted and its signature is valid. Never raises.
+        """True iff ``b.key_id`` is trusted, its scope allows ``b.aor`` and the signature
+        is valid. Never raises. A binding outside its key's scope is refused like a forged
+        one.
 
         Bindings that verified are remembered (a bounded cache keyed by the whole
         binding, signature included): a record is checked when it is put, stored,
         read and merged, and an Ed25519 verification costs a few hundred microseconds.
-        Only successes are cached, so junk cannot fill the cache.
+        Only successes are cached, so junk cannot fill the cache. A hit counts only while
+        the key it was verified with is trusted and its scope allows the AOR: trust that
+        changed is honoured at once.
         """
         try:
-            if b in self._verified or (b in _SIGNED_HERE and b.key_id in self._keys):
-                return True
-            public = self._keys.get(b.key_id)
-            if public is None or not isinstance(b.signature, bytes) or len(b.signature) != 64:
+            entry = self._table.get(b.key_id)
+            if entry is None or not entry.key.allows(b.aor):
                 return False
-            public.verify(b.signature, b.signing_bytes())
+            public = entry.key.public_bytes
+            if self._verified.get(b) == public or _SIGNED_HERE.get(b) == public:
+                return True
+            if not isinstance(b.signature, bytes) or len(b.signature) != 64:
+                return False
+            entry.public.verify(b.signature, b.signing_bytes())
         except (InvalidSignature, AttributeError, TypeError, ValueError):
             return False  # AttributeError etc.: not a binding, or one with junk fields
-        _remember(self._verified, b)
+        _remember(self._verified, b, public)
         return True
 
     def filter(self, bindings: Iterable[DhtBinding]) -> tuple[tuple[DhtBinding, ...], int]:
@@ -260,6 +361,106 @@ class TrustStore:
                 rejected += 1
         return tuple(good), rejected
 
+    # -- changing the table ------------------------------------------------------------
+
+    def replace(self, keys: Iterable[TrustedKey]) -> TrustChange:
+        """Trust exactly ``keys`` from now on (one assignment: checks see the old table or
+        the new one). The site's own key, if any, stays."""
+        table = {k.key_id: k for k in keys}
+        own = self._own
+        if own is not None and own.key_id not in table:
+            table[own.key_id] = TrustedKey(own.key_id, own.public_bytes, own=True)
+        return self._install(table)
+
+    def _install(self, table: Mapping[str, TrustedKey]) -> TrustChange:
+        old = self._table
+        new: dict[str, _Entry] = {}
+        for kid, key in table.items():
+            held = old.get(kid)
+            public = (
+                held.public
+                if held is not None and held.key.public_bytes == key.public_bytes
+                else Ed25519PublicKey.from_public_bytes(key.public_bytes)
+            )
+            new[kid] = _Entry(key, public)
+        self._table = new
+        return TrustChange(
+            added=tuple(sorted(new.keys() - old.keys())),
+            removed=tuple(sorted(old.keys() - new.keys())),
+            rescoped=tuple(
+                sorted(k for k in new.keys() & old.keys() if new[k].key.scope != old[k].key.scope)
+            ),
+        )
+
+    def load(self, why: str | None = None) -> TrustChange:
+        """Read the trust folder again and trust what it says, logging what changed if
+        ``why`` is given; KeyFileError (the previous trust kept) if a file in it is bad."""
+        folder = self._folder
+        seen = fingerprint(folder) if folder is not None else ()
+        try:
+            table = read_folder(folder, None if self._own is None else self._own.public_bytes)
+        except KeyFileError as exc:
+            self._seen, self._error = seen, str(exc)
+            raise
+        self._seen, self._error = seen, None
+        change = self._install(table)
+        if why is not None:
+            self._log_change(change, why)
+        return change
+
+    def reload(self, why: str = "reload") -> TrustChange | None:
+        """:meth:`load`, or (one line, never a traceback) why the folder was not read and
+        the previous trust kept. None if nothing was read."""
+        if self._folder is None:
+            log.info("%s: no trust folder (--trust) to reload", why)
+            return None
+        try:
+            return self.load(why)
+        except KeyFileError as exc:
+            log.error("trust folder %s not reloaded (%s); still trusting the %d key(s) "
+                      "trusted before: %s", self._folder, why, len(self), exc)  # fmt: skip
+            return None
+
+    def _log_change(self, change: TrustChange, why: str) -> None:
+        parts = []
+        for word, kids in (("added", change.added), ("removed", change.removed),
+                           ("rescoped", change.rescoped)):  # fmt: skip
+            if kids:
+                parts.append(f"{word} {', '.join(self._describe(k) for k in kids)}")
+        log.info("trust folder %s reloaded (%s): %s; %d key(s) trusted", self._folder, why,
+                 "; ".join(parts) or "no change", len(self))  # fmt: skip
+
+    def _describe(self, kid: str) -> str:
+        key = self.get(kid)
+        if key is None or key.file is None:
+            return kid
+        scope = "any AOR" if key.scope is None else " ".join(key.scope.patterns) or "no AOR"
+        return f"{kid} ({key.file}; {scope})"
+
+    # -- watching the folder -----------------------------------------------------------
+
+    def start_watching(self, interval: float = WATCH_INTERVAL) -> None:
+        """Look at the folder every ``interval`` seconds (names, sizes and mtimes of its
+        key files) and reload it when they change. Needs a running loop."""
+        if self._folder is not None and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(interval))
+
+    async def stop_watching(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _watch(self, interval: float) -> None:
+        assert self._folder is not None
+        while True:
+            await asyncio.sleep(interval)
+            if fingerprint(self._folder) != self._seen:
+                try:
+                    self.reload("the folder changed")
+                except Exception:  # the watcher must outlive one bad reload
+                    log.exception("reloading the trust folder %s failed", self._folder)
+
 
 def sign_binding(b: DhtBinding, key: SiteKey) -> DhtBinding:
     """A copy of ``b`` with ``key_id`` set to ``key``'s and signed by it.
@@ -270,110 +471,16 @@ def sign_binding(b: DhtBinding, key: SiteKey) -> DhtBinding:
     """
     unsigned = dataclasses.replace(b, key_id=key.key_id, signature=b"")
     signed = dataclasses.replace(unsigned, signature=key.sign(unsigned.signing_bytes()))
-    _remember(_SIGNED_HERE, signed)
+    _remember(_SIGNED_HERE, signed, key.public_bytes)
     return signed
 
 
-# Bindings this process signed itself; TrustStore.verify accepts them when it trusts
-# their key id (a key id is a hash of the public key that made the signature).
-_SIGNED_HERE: dict[DhtBinding, None] = {}
+# Bindings this process signed itself, with the public key that signed them;
+# TrustStore.verify accepts them while it trusts that key for their AOR.
+_SIGNED_HERE: dict[DhtBinding, bytes] = {}
 
 
-def _remember(cache: dict[DhtBinding, None], b: DhtBinding) -> None:
+def _remember(cache: dict[DhtBinding, bytes], b: DhtBinding, public: bytes) -> None:
     if len(cache) >= VERIFIED_CACHE_SIZE:
         cache.pop(next(iter(cache)))
-    cache[b] = None
-
-
-# -- files -----------------------------------------------------------------------------
-
-
-def _read(path: Path) -> bytes:
-    try:
-        # O_NONBLOCK: a FIFO planted as a key file must not hang the start-up.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise KeyFileError(f"{path}: not a regular file")
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {path}: {_reason(exc)}") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path}: too large for a key file")
-    if path.name == KEY_FILE and mode & 0o077:
-        log.warning("%s is readable by other users (mode %o); chmod 600 it", path, mode & 0o777)
-    return data
-
-
-def _make_dir(data_dir: Path) -> Path:
-    directory = Path(data_dir)
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KeyFileError(f"cannot create {directory}: {_reason(exc)}") from None
-    return directory
-
-
-def _create(path: Path, data: bytes, mode: int, *, overwrite: bool) -> bool:
-    """Write ``path`` atomically with ``mode``; False if it exists and not ``overwrite``.
-
-    The bytes go to a temporary file in the same directory first, so readers never see
-    a half-written key. Without ``overwrite`` it is hard-linked into place, which fails
-    if ``path`` exists: two processes creating a key at once cannot both win.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
-            os.fchmod(f.fileno(), mode)  # whatever the umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        created = _link_or_replace(tmp, path, overwrite)
-        with contextlib.suppress(OSError):  # durability of the new name, where supported
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        return created
-    except OSError as exc:
-        raise KeyFileError(f"cannot write {path}: {_reason(exc)}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
-def _link_or_replace(tmp: Path, path: Path, overwrite: bool) -> bool:
-    if overwrite:
-        os.replace(tmp, path)
-        return True
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-        if path.exists():  # no hard links on this file system: a narrower race
-            return False
-        os.replace(tmp, path)
-    return True
-
-
-@contextlib.contextmanager
-def _refusing(path: Path, what: str) -> Iterator[None]:
-    """Turn cryptography's parse errors into a one-line KeyFileError naming ``path``."""
-    try:
-        yield
-    except TypeError:  # the PEM is encrypted
-        raise KeyFileError(f"{path}: is password-protected; store it unencrypted") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise KeyFileError(f"{path}: is not a PEM file holding {what}") from None
-
-
-def _algorithm(key: object) -> str:
-    return type(key).__name__.removeprefix("_").replace("PrivateKey", "").replace("PublicKey", "")
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
+    cache[b] = public

@@ -15,7 +15,12 @@ bindings that
   site could plant bindings of one user under another user's key), and
 * carry a valid signature by a site key in the :class:`~dht_adaptor.keys.TrustStore`.
 
-Each dropped binding (and each unreadable record) adds one to ``rejected``.
+Each dropped binding (and each unreadable record) adds one to ``rejected``. A binding
+outside its key's scope counts as unverified.
+
+Trust changes while records are held (a site's key removed or its scope narrowed): ``get``
+and ``items`` return only the held bindings whose key is still trusted for their AOR, so
+they are neither served nor republished; their bytes stay until they expire.
 
 Time is passed in (``now``, wall-clock seconds, like ``expires_at``), never read here.
 Expired bindings are forgotten without anyone deleting them: lazily on every read, by
@@ -102,7 +107,8 @@ class RecordStore(Protocol):
         ...
 
     async def get(self, key: bytes, now: float) -> Bindings:
-        """The merged unexpired bindings under ``key``, tombstones included; () if none."""
+        """The merged unexpired bindings under ``key`` whose key is still trusted for their
+        AOR, tombstones included; () if none."""
         ...
 
     def items(self, now: float) -> AsyncIterator[tuple[bytes, Bindings]]:
@@ -220,6 +226,13 @@ class _MergingStore:
         raise NotImplementedError
 
     async def get(self, key: bytes, now: float) -> Bindings:
+        held = await self._held_bindings(key, now)
+        allows = self._trust.allows
+        trusted = tuple(b for b in held if allows(b.key_id, b.aor))
+        return held if len(trusted) == len(held) else trusted
+
+    async def _held_bindings(self, key: bytes, now: float) -> Bindings:
+        """The merged unexpired bindings held under ``key``, whoever signed them."""
         raise NotImplementedError
 
 
@@ -247,7 +260,7 @@ class MemoryRecordStore(_MergingStore):
         else:
             self._held.pop(key, None)
 
-    async def get(self, key: bytes, now: float) -> Bindings:
+    async def _held_bindings(self, key: bytes, now: float) -> Bindings:
         held = self._held.get(key)
         if held is None:
             return ()
@@ -341,7 +354,7 @@ class RedisRecordStore(_MergingStore):
                         continue
             raise RecordStoreError(f"redis at {self._where}: {name} kept changing; gave up")
 
-    async def get(self, key: bytes, now: float) -> Bindings:
+    async def _held_bindings(self, key: bytes, now: float) -> Bindings:
         name = self.redis_key(key)
         with self._errors(f"get {name}"):
             data = await self._client.get(name)
