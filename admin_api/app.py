@@ -15,7 +15,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from . import routes_dht, routes_health, routes_registrations, routes_stats, routes_users
+from . import (
+    routes_dht,
+    routes_health,
+    routes_registrations,
+    routes_stats,
+    routes_trust,
+    routes_users,
+)
 from .auth import token_checker
 from .body_guard import MAX_BODY, BodyGuard
 from .errors import install_error_handlers
@@ -71,6 +78,7 @@ def create_app(services: AdminServices, *, max_body: int = MAX_BODY) -> FastAPI:
         routes_registrations.router(services),
         routes_users.router(services),
         routes_dht.router(services),
+        routes_trust.router(services),
         routes_stats.router(services, metrics),
     ):
         app.include_router(router, dependencies=checked, responses=protected)

@@ -203,6 +203,42 @@ class UserChange:
     ha1_sha256: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TrustedKeyInfo:
+    """A site key this site trusts, and why."""
+
+    key_id: str
+    public_key: bytes  # raw 32 bytes
+    own: bool  # this site's own key
+    file: str | None  # the file in the trust folder that trusts it
+    endorsed_by: str | None  # the key whose endorsement trusts it
+    scope: tuple[str, ...] | None  # what it may publish bindings for; None: any AOR
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    folder: str | None  # None: the site has no trust folder and its trust cannot change
+    error: str | None  # why the last reload of the folder failed (the trust before is kept)
+    keys: tuple[TrustedKeyInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyToTrust:
+    public_key: bytes  # raw 32 bytes
+    scope: tuple[str, ...] | None = None  # None: any AOR
+    name: str | None = None  # NAME.pub in the trust folder
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEndorsement:
+    """An endorsement of a rotated key, as written by ``p2psip keygen --rotate``."""
+
+    old_key_id: str
+    new_key_id: str
+    new_public_key: str  # base64
+    signature: str  # base64
+
+
 LatencyObserver = Callable[[str, float, bool], None]  # ("put" | "get", seconds, ok)
 
 
@@ -259,4 +295,23 @@ class AdminServices(Protocol):
 
     def watch_dht_latency(self, observer: LatencyObserver) -> None:
         """Call ``observer`` after every DHT put and get of the site."""
+        ...
+
+    def trust(self) -> Trust:
+        """The keys this site trusts now."""
+        ...
+
+    async def trust_key(self, key: KeyToTrust) -> tuple[TrustedKeyInfo, bool]:
+        """Trust a key (written into the trust folder); and whether it is newly trusted.
+        Conflict without a trust folder or when the name holds another key."""
+        ...
+
+    async def trust_endorsed_key(self, endorsement: KeyEndorsement) -> tuple[TrustedKeyInfo, bool]:
+        """Trust a rotated key its trusted predecessor endorses. InvalidInput if the
+        signature is wrong; Conflict if the signer is not trusted here."""
+        ...
+
+    async def distrust_key(self, key_id: str) -> None:
+        """Stop trusting a key (and the keys it endorsed). NotFound if not trusted;
+        Conflict for the site's own key or without a trust folder."""
         ...

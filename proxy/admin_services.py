@@ -8,15 +8,20 @@ The admin API defines the interface; this implementation lives beside the proxy,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from admin_api.services import (
     Check,
+    Conflict,
     DhtInfo,
     DhtView,
     InvalidInput,
+    KeyEndorsement,
+    KeyToTrust,
     LatencyObserver,
     Lookup,
     NotFound,
@@ -24,14 +29,33 @@ from admin_api.services import (
     Registration,
     RegistrationPage,
     SiteStats,
+    Trust,
+    TrustedKeyInfo,
     Unavailable,
     UserChange,
 )
 from dht_adaptor.adaptor import DhtAdaptor
 from dht_adaptor.cached_store import CachedStore
 from dht_adaptor.errors import DhtError
+from dht_adaptor.keys import TrustStore
 from dht_adaptor.node import DhtNode
 from dht_adaptor.record_store import RecordStoreError
+from dht_adaptor.trust_folder import (
+    PUB_SUFFIX,
+    SCOPE_SUFFIX,
+    Endorsement,
+    EndorsementError,
+    KeyFileError,
+    Scope,
+    TrustedKey,
+    files_of,
+    key_id,
+    load_public_key,
+    public_pem,
+    read_folder,
+    remove_file,
+    write_file,
+)
 
 from .location import LocationError, LocationStore, LocationUnavailable
 from .lookup import LookupError_, normalize_aor
@@ -227,6 +251,107 @@ class SiteServices:
         rejected = int(self.node.stats()["rejected_on_get"] - rejected_before)
         return Lookup(aor, seconds, found, max(0, rejected))
 
+    # --- trust ------------------------------------------------------------------------
+    # Changes are files written into the trust folder (atomically), then the folder is
+    # read again, as the watcher and SIGHUP read it: the folder stays the one truth.
+
+    @property
+    def _trust(self) -> TrustStore:
+        return self.node.trust
+
+    def trust(self) -> Trust:
+        t = self._trust
+        folder = None if t.folder is None else str(t.folder)
+        return Trust(folder, t.error, tuple(_key_info(k) for k in t.entries()))
+
+    async def trust_key(self, key: KeyToTrust) -> tuple[TrustedKeyInfo, bool]:
+        trust = self._trust
+        folder = self._writable_folder()
+        try:
+            scope = None if key.scope is None else Scope.parse(key.scope)
+        except ValueError as exc:
+            raise InvalidInput(f"scope: {exc}") from None
+        kid = key_id(key.public_key)
+        before = trust.get(kid)
+        held = None
+        if before is not None and before.file and before.file.endswith(PUB_SUFFIX):
+            held = before.file.removesuffix(PUB_SUFFIX)
+        name = key.name or held or kid
+        if held is not None and held != name:
+            raise Conflict(f"key {kid} is in {before.file if before else held} already; "
+                           f"add it under the name {held!r}")  # fmt: skip
+        pub, scope_file = folder / f"{name}{PUB_SUFFIX}", folder / f"{name}{SCOPE_SUFFIX}"
+        with _writing(folder):
+            if pub.exists() and load_public_key(pub) != key.public_key:
+                raise Conflict(f"{pub.name} holds another key")
+            # The scope first: a reload in between never sees the key allowed more than asked.
+            if scope is None:
+                remove_file(scope_file)
+            else:
+                write_file(scope_file, scope.text(), 0o644, overwrite=True)
+            created = write_file(pub, public_pem(key.public_key), 0o644, overwrite=False)
+            if not created and load_public_key(pub) != key.public_key:
+                raise Conflict(f"{pub.name} holds another key (written meanwhile)")
+            trust.load("admin API: key added")
+        return _key_info(self._trusted(kid)), before is None
+
+    async def trust_endorsed_key(self, endorsement: KeyEndorsement) -> tuple[TrustedKeyInfo, bool]:
+        trust = self._trust
+        folder = self._writable_folder()
+        try:
+            e = Endorsement.of(
+                endorsement.old_key_id, endorsement.new_key_id,
+                endorsement.new_public_key, endorsement.signature,
+            )  # fmt: skip
+        except EndorsementError as exc:
+            raise InvalidInput(f"endorsement: {exc}") from None
+        signer = trust.get(e.old_key_id)
+        if signer is None:
+            raise Conflict(f"the endorsement is signed by key {e.old_key_id}, which this site "
+                           "does not trust")  # fmt: skip
+        if not e.verify(signer.public_bytes):
+            raise InvalidInput(f"the endorsement is not signed by key {e.old_key_id}")
+        before = e.new_key_id in trust
+        with _writing(folder):
+            write_file(folder / e.file_name, e.encode(), 0o644, overwrite=True)
+            trust.load("admin API: key endorsed")
+        return _key_info(self._trusted(e.new_key_id)), not before
+
+    async def distrust_key(self, key_id: str) -> None:
+        trust = self._trust
+        key = trust.get(key_id)
+        if key is not None and key.own:
+            raise Conflict(f"key {key_id} is this site's own key; it cannot be removed")
+        folder = self._writable_folder()
+        if key is None:
+            raise NotFound(f"key {key_id} is not trusted here")
+        with _writing(folder):
+            for path in files_of(folder, key_id, key):
+                remove_file(path)  # a .pub before its .scope: never wider than before
+            trust.load("admin API: key removed")
+        if key_id in trust:
+            raise Unavailable(f"key {key_id} is still trusted: a file in {folder} trusts it")
+
+    def _writable_folder(self) -> Path:
+        """The trust folder, if the site has one that reads cleanly (nothing is written to
+        a folder with a bad file: the change would not count)."""
+        folder = self._trust.folder
+        if folder is None:
+            raise Conflict(
+                "this site has no trust folder (--trust DIR): its trust cannot change while it runs"
+            )
+        try:
+            read_folder(folder)
+        except KeyFileError as exc:
+            raise Conflict(f"the trust folder has a bad file; nothing changed: {exc}") from None
+        return folder
+
+    def _trusted(self, kid: str) -> TrustedKey:
+        key = self._trust.get(kid)
+        if key is None:  # someone changed the folder meanwhile
+            raise Unavailable(f"key {kid} was written to the trust folder but is not trusted")
+        return key
+
     # --- statistics -------------------------------------------------------------------
 
     async def stats(self) -> SiteStats:
@@ -283,6 +408,20 @@ class SiteServices:
         except LocationError:
             return None, None
         return aors, bindings
+
+
+def _key_info(k: TrustedKey) -> TrustedKeyInfo:
+    scope = None if k.scope is None else k.scope.patterns
+    return TrustedKeyInfo(k.key_id, k.public_bytes, k.own, k.file, k.endorsed_by, scope)
+
+
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """A trust folder that cannot be written (or read back) is a 503 naming the file."""
+    try:
+        yield
+    except KeyFileError as exc:
+        raise Unavailable(f"trust folder {folder}: {exc}") from None
 
 
 async def _redis_check(
