@@ -1,4 +1,8 @@
-"""Running a site or a standalone DHT node until SIGINT/SIGTERM (``p2psip run``/``dht``)."""
+"""Running a site or a standalone DHT node until SIGINT/SIGTERM (``p2psip run``/``dht``).
+
+SIGHUP reads the trust folder (``--trust``) again at once; it is also watched, and read
+again within seconds of any change.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 from admin_api.app import create_app
@@ -26,13 +30,32 @@ STATS_INTERVAL = 60.0
 
 def _stop_on_signals() -> asyncio.Event:
     """An event set by SIGINT/SIGTERM; installed first, so a signal during start-up
-    still means a clean stop (exit status 0), not death by the default handler."""
+    still means a clean stop (exit status 0), not death by the default handler. SIGHUP
+    during start-up is ignored (the trust folder is being read anyway)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP while starting: ignored")
     return stop
+
+
+@contextlib.contextmanager
+def _reload_trust_on_sighup(node: DhtNode) -> Iterator[None]:
+    """While inside, SIGHUP reloads the trust folder (logging what changed, or why the
+    previous trust is kept)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, node.trust.reload, "SIGHUP")
+    except (NotImplementedError, RuntimeError):
+        yield  # no signals here (not the main thread): the folder is still watched
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def _serve_until(stop: asyncio.Event, ready: asyncio.Event | None) -> None:
@@ -88,8 +111,9 @@ async def run_dht(config: Config, ready: asyncio.Event | None = None) -> None:
     stop = _stop_on_signals()
     node, _key = await open_dht(config)
     try:
-        async with _background(*_joining(node, config)):
-            await _serve_until(stop, ready)
+        with _reload_trust_on_sighup(node):
+            async with _background(*_joining(node, config)):
+                await _serve_until(stop, ready)
     finally:
         await close_dht(node)
 
@@ -120,9 +144,10 @@ async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
             *_joining(site.node, config),
         ]
         try:
-            async with _background(*jobs):
-                await _serve_until(stop, ready)
-                await site.drain(config.shutdown_grace)
+            with _reload_trust_on_sighup(site.node):
+                async with _background(*jobs):
+                    await _serve_until(stop, ready)
+                    await site.drain(config.shutdown_grace)
         finally:
             log.info("stats: %s", json.dumps(site.stats(), sort_keys=True))
     finally:

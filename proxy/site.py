@@ -185,12 +185,17 @@ async def open_dht(config: Config) -> tuple[DhtNode, SiteKey]:
         "DHT node %s on %s:%d, site key %s, %d trusted key(s)",
         node.node_id_hex[:12], listen.host, port, key.key_id, len(trust),
     )  # fmt: skip
+    if config.trust_dir is not None:
+        # Keys added, removed or replaced in the folder count within seconds, no restart.
+        trust.start_watching()
+        log.info("watching the trust folder %s (SIGHUP reloads it at once)", config.trust_dir)
     if not config.bootstrap:
         log.info("no --bootstrap: this node starts a new overlay")
     return node, key
 
 
 async def close_dht(node: DhtNode) -> None:
+    await node.trust.stop_watching()
     await node.close()
     await node.store.close()
 
