@@ -2,7 +2,8 @@
 
 ``run``     a site: SIP proxy and registrar, with its DHT adaptor and the admin API
 ``dht``     a standalone DHT node (the ``dht`` service of a site's compose file)
-``keygen``  the site's Ed25519 key pair, DIR/site.key and DIR/site.pub
+``keygen``  the site's Ed25519 key pair, DIR/site.key and DIR/site.pub (``--rotate``: a
+            new pair, endorsed by the old key, for rotation without a gap)
 ``lookup``  the verified bindings the DHT holds for an AOR, as JSON (exit 1: none)
 ``ping``    does a DHT node answer? (exit 0 if it does, 1 if not: a healthcheck)
 """
@@ -81,7 +82,14 @@ def _parser() -> argparse.ArgumentParser:
 
     keygen = sub.add_parser("keygen", help="create the site's key pair in DIR")
     keygen.add_argument("--data-dir", metavar="DIR", help="where site.key and site.pub go")
-    keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
+    replace = keygen.add_mutually_exclusive_group()
+    replace.add_argument("--force", action="store_true", help="replace an existing key pair")
+    replace.add_argument(
+        "--rotate",
+        action="store_true",
+        help="replace the key pair by a new one that the old key endorses (writes "
+        "DIR/OLDID-NEWID.endorsement for the other sites' trust folders)",
+    )
 
     lookup = sub.add_parser("lookup", help="look an AOR up in the DHT; print JSON")
     _common(lookup)
@@ -98,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    own = {"command", "config", "aor", "timeout", "force", "node"}
+    own = {"command", "config", "aor", "timeout", "force", "rotate", "node"}
     flags = {k: v for k, v in vars(args).items() if k not in own}
     config_file = getattr(args, "config", None)
     if config_file is None and os.environ.get("P2PSIP_CONFIG"):
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("kademlia", "rpcudp"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "keygen":
-        return _keygen(config, args.force)
+        return _rotate(config) if args.rotate else _keygen(config, args.force)
     if args.command == "lookup":
         return _lookup(config, args.aor, args.timeout)
     if args.command == "ping":
@@ -148,6 +156,26 @@ def _keygen(config: Config, force: bool) -> int:
     except KeyFileError as exc:
         return _fail(str(exc))
     print(f"wrote {path} and {config.data_dir / 'site.pub'} (key id {key.key_id})")
+    return 0
+
+
+def _rotate(config: Config) -> int:
+    from dht_adaptor.keys import KeyFileError, rotate
+
+    if not (config.data_dir / "site.key").exists():
+        return _fail(f"no {config.data_dir / 'site.key'} to rotate (run keygen first)")
+    try:
+        r = rotate(config.data_dir)
+    except KeyFileError as exc:
+        return _fail(str(exc))
+    old, new, pub = r.old.key_id, r.new.key_id, config.data_dir / "site.pub"
+    print(f"wrote a new key pair in {config.data_dir} (key id {new}), endorsed by the old key "
+          f"{old} (kept as {r.backup})")  # fmt: skip
+    print(f"1. copy {r.endorsement_path} into every site's trust folder (or POST it to "
+          f"/trust/keys) and check that each site lists key {new}")  # fmt: skip
+    print("2. restart this site: it signs with the new key from then on")
+    print(f"3. in every trust folder, replace the old key's .pub by {pub} and remove "
+          f"{r.endorsement_path.name}: the old key's records stop counting")  # fmt: skip
     return 0
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from dht_adaptor.keys import SiteKey
+from dht_adaptor.trust_folder import Endorsement, load_public_key, public_pem, read_folder
 from proxy.config import Config, ConfigError, HostPort, build_config, load_file
 from tests.support.site import free_port, sip_options
 
@@ -400,3 +402,54 @@ def test_load_file_errors_are_config_errors(tmp_path: Path) -> None:
         load_file(tmp_path / "missing.toml")
     with pytest.raises(ConfigError):
         load_file(write(tmp_path / "bad.toml", "= 1\n"))
+
+
+# --- keygen --rotate ---------------------------------------------------------------------
+
+
+def test_keygen_rotate_writes_a_new_key_the_old_one_endorses(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert p2psip("keygen", "--data-dir", str(data)).returncode == 0
+    old = SiteKey.load(data)
+    rotated = p2psip("keygen", "--rotate", "--data-dir", str(data))
+    assert rotated.returncode == 0, rotated.stderr
+    new = SiteKey.load(data)
+    assert new != old and load_public_key(data / "site.pub") == new.public_bytes
+    assert SiteKey.load_or_create(data) == new
+    backup = data / f"site-{old.key_id}.key"
+    assert backup.stat().st_mode & 0o777 == 0o600
+    assert backup.read_bytes() == old.private_pem()  # to roll back
+    path = data / f"{old.key_id}-{new.key_id}.endorsement"
+    endorsement = Endorsement.decode(path.read_bytes())
+    assert endorsement.verify(old.public_bytes) and endorsement.new_public == new.public_bytes
+    out = rotated.stdout
+    assert str(path) in out and new.key_id in out and old.key_id in out and "restart" in out
+
+    # Dropped into a trust folder that trusts the old key (with a scope), it trusts the new.
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "paris.pub").write_bytes(public_pem(old.public_bytes))
+    (trust / "paris.scope").write_text("example.com\n")
+    (trust / path.name).write_bytes(path.read_bytes())
+    table = read_folder(trust)
+    assert table[new.key_id].endorsed_by == old.key_id
+    assert table[new.key_id].scope == table[old.key_id].scope
+
+    again = p2psip("keygen", "--rotate", "--data-dir", str(data))  # chains: new -> newer
+    assert again.returncode == 0, again.stderr
+    newer = SiteKey.load(data)
+    (trust / f"{new.key_id}-{newer.key_id}.endorsement").write_bytes(
+        (data / f"{new.key_id}-{newer.key_id}.endorsement").read_bytes()
+    )
+    assert read_folder(trust)[newer.key_id].endorsed_by == new.key_id
+
+
+def test_keygen_rotate_needs_a_key(tmp_path: Path) -> None:
+    proc = p2psip("keygen", "--rotate", "--data-dir", str(tmp_path / "none"))
+    assert_one_line_error(proc, "to rotate", "run keygen first")
+    assert not (tmp_path / "none" / "site.key").exists()
+
+
+def test_keygen_rotate_and_force_exclude_each_other(tmp_path: Path) -> None:
+    proc = p2psip("keygen", "--rotate", "--force", "--data-dir", str(tmp_path))
+    assert_one_line_error(proc, "not allowed with")
