@@ -29,6 +29,9 @@ _409: Responses = {
     }
 }
 _503: Responses = {503: {"model": ErrorOut, "description": "the trust folder cannot be written"}}
+_403: Responses = {
+    403: {"model": ErrorOut, "description": "the endorsement's signature does not verify"}
+}
 
 
 def raw_public_key(text: str) -> bytes:
@@ -69,6 +72,7 @@ def router(services: AdminServices) -> APIRouter:
         "trusted one; written into the trust folder, counts at once",
         responses={
             200: {"model": TrustedKeyOut, "description": "trusted already; updated"},
+            **_403,
             **_409,
             **_503,
         },

@@ -88,6 +88,12 @@ class InvalidInput(ServiceError):
     status_code = 400
 
 
+class Forbidden(ServiceError):
+    """A signed change whose signature does not verify."""
+
+    status_code = 403
+
+
 class NotFound(ServiceError):
     status_code = 404
 
@@ -307,8 +313,8 @@ class AdminServices(Protocol):
         ...
 
     async def trust_endorsed_key(self, endorsement: KeyEndorsement) -> tuple[TrustedKeyInfo, bool]:
-        """Trust a rotated key its trusted predecessor endorses. InvalidInput if the
-        signature is wrong; Conflict if the signer is not trusted here."""
+        """Trust a rotated key its trusted predecessor endorses. Conflict if the signer is
+        not trusted here; Forbidden if the endorsement does not verify."""
         ...
 
     async def distrust_key(self, key_id: str) -> None:

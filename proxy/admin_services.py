@@ -19,6 +19,7 @@ from admin_api.services import (
     Conflict,
     DhtInfo,
     DhtView,
+    Forbidden,
     InvalidInput,
     KeyEndorsement,
     KeyToTrust,
@@ -298,19 +299,19 @@ class SiteServices:
     async def trust_endorsed_key(self, endorsement: KeyEndorsement) -> tuple[TrustedKeyInfo, bool]:
         trust = self._trust
         folder = self._writable_folder()
+        signer = trust.get(endorsement.old_key_id)
+        if signer is None:
+            raise Conflict(f"the endorsement is signed by key {endorsement.old_key_id}, which "
+                           "this site does not trust")  # fmt: skip
         try:
             e = Endorsement.of(
                 endorsement.old_key_id, endorsement.new_key_id,
                 endorsement.new_public_key, endorsement.signature,
             )  # fmt: skip
         except EndorsementError as exc:
-            raise InvalidInput(f"endorsement: {exc}") from None
-        signer = trust.get(e.old_key_id)
-        if signer is None:
-            raise Conflict(f"the endorsement is signed by key {e.old_key_id}, which this site "
-                           "does not trust")  # fmt: skip
+            raise Forbidden(f"the endorsement does not hold: {exc}") from None
         if not e.verify(signer.public_bytes):
-            raise InvalidInput(f"the endorsement is not signed by key {e.old_key_id}")
+            raise Forbidden(f"the endorsement is not signed by key {e.old_key_id}")
         before = e.new_key_id in trust
         with _writing(folder):
             write_file(folder / e.file_name, e.encode(), 0o644, overwrite=True)

@@ -27,9 +27,12 @@ def operations(site: LiveSite) -> list[tuple[str, str]]:
     for path, item in site.app.openapi()["paths"].items():
         concrete = re.sub(
             r"\{(\w+)\}",
-            lambda m: {"aor": "sip:alice@example.com", "contact": "sip:a@h", "username": "alice"}[
-                m.group(1)
-            ],
+            lambda m: {
+                "aor": "sip:alice@example.com",
+                "contact": "sip:a@h",
+                "username": "alice",
+                "key_id": "0123456789abcdef",
+            }[m.group(1)],
             path,
         )
         out += [(method.upper(), concrete) for method in item]

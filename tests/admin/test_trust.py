@@ -6,13 +6,20 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import schemathesis
+from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from schemathesis import Case
+from schemathesis.generation.modes import GenerationMode
+from schemathesis.python.asgi import shutdown_lifespans
 
 from admin_api.app import create_app
 from dht_adaptor.keys import SiteKey, endorse, sign_binding
@@ -25,6 +32,9 @@ from .conftest import AUTH, TOKEN, LiveSite
 from .sip_ua import HOST
 
 MakeSite = Callable[..., AbstractAsyncContextManager[LiveSite]]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 @dataclass
@@ -41,15 +51,19 @@ class TrustSite:
         return self.site.node.trust.verify(b)
 
 
-@pytest.fixture
-async def trusting(tmp_path: Path) -> AsyncIterator[TrustSite]:
-    """A site started with ``--trust FOLDER`` (an empty folder) and its admin API."""
+def _config(tmp_path: Path) -> Config:
     folder = tmp_path / "trust"
-    folder.mkdir()
-    config = Config(
+    folder.mkdir(exist_ok=True)
+    return Config(
         domains=("example.com",), sip_listen=HostPort(HOST, 0), dht_listen=HostPort(HOST, 0),
         data_dir=tmp_path / "data", trust_dir=folder, site_id="paris", admin_token=TOKEN,
     )  # fmt: skip
+
+
+@pytest.fixture
+async def trusting(tmp_path: Path) -> AsyncIterator[TrustSite]:
+    """A site started with ``--trust FOLDER`` (an empty folder) and its admin API."""
+    config = _config(tmp_path)
     site = await build_site(config)
     client = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=create_app(site.services)),
@@ -57,7 +71,7 @@ async def trusting(tmp_path: Path) -> AsyncIterator[TrustSite]:
         headers=AUTH,
     )
     try:
-        yield TrustSite(site, client, folder)
+        yield TrustSite(site, client, config.trust_dir)  # type: ignore[arg-type]
     finally:
         await client.aclose()
         await site.close()
@@ -185,11 +199,11 @@ async def test_endorsements_that_do_not_count(trusting: TrustSite) -> None:
     forged = Endorsement(oslo.key_id, new.key_id, new.public_bytes,
                          endorse(stranger, new.public_bytes).signature)  # fmt: skip
     r = await trusting.client.post("/trust/keys", json=endorsement_body(forged))
-    assert r.status_code == 400 and "not signed by" in r.json()["message"]
+    assert r.status_code == 403 and "not signed by" in r.json()["message"]
     mismatched = endorsement_body(endorse(oslo, new.public_bytes))
     mismatched["endorsement"]["new_key_id"] = oslo.key_id  # type: ignore[index]
     r = await trusting.client.post("/trust/keys", json=mismatched)
-    assert r.status_code == 400 and "new_key_id" in r.json()["message"]
+    assert r.status_code == 403 and "new_key_id" in r.json()["message"]
     assert new.key_id not in trusting.site.node.trust
     assert sorted(p.name for p in trusting.folder.iterdir()) == [f"{oslo.key_id}.pub"]
 
@@ -260,3 +274,55 @@ async def test_the_token_is_required(trusting: TrustSite) -> None:
         ):
             assert r.status_code == 401 and "token" in r.json()["message"]
     assert len(trusting.site.node.trust) == 1
+
+
+# -- schemathesis on a site with a trust folder (test_schemathesis.py has none) -----------
+
+
+class TrustSiteApp:
+    """An ASGI app running a site with a trust folder for the lifespan it is given."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.app: FastAPI | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            assert self.app is not None, "the lifespan has not started"
+            await self.app(scope, receive, send)
+            return
+        site = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                site = await build_site(_config(self.tmp_path))
+                self.app = create_app(site.services)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                break
+        if site is not None:
+            await site.close()
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_trust_routes_against_their_schema(tmp_path: Path, mode: GenerationMode) -> None:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", TrustSiteApp(tmp_path), headers=AUTH)
+    try:
+        operations = [
+            op.ok()  # type: ignore[union-attr]
+            for op in schema.get_all_operations()
+            if op.ok().path.startswith("/trust")  # type: ignore[union-attr]
+        ]
+        assert len(operations) == 3
+        for operation in operations:
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck),
+                      database=None, derandomize=True)  # fmt: skip
+            def check(case: Case[Any]) -> None:
+                case.call_and_validate(headers=AUTH)
+
+            check()
+    finally:
+        shutdown_lifespans()
