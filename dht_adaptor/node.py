@@ -16,6 +16,9 @@ protocol and tracked background tasks. :class:`DhtNode` adds:
 * **Republishing and read repair.** Every ``republish_interval`` the node re-stores what
   it holds at the current k closest nodes; after a ``get`` the closest nodes that lacked
   part of the merged record are sent it. Both are safe because merge is idempotent.
+* **Members only.** The node proves its membership with its site's key in every datagram
+  and its id is bound to that key (:mod:`dht_adaptor.membership`); it hears only nodes
+  whose key its TrustStore holds at that moment.
 
 A record larger than one store RPC (several sites' bindings merged) is replicated in
 chunks: any subset of a record merges in like the whole.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -34,8 +38,9 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from dht_adaptor.errors import DhtError, DhtRejected, DhtUnavailable, InvalidBindings
-from dht_adaptor.keys import TrustStore
+from dht_adaptor.keys import SiteKey, TrustStore
 from dht_adaptor.lookup import IterativeLookup
+from dht_adaptor.membership import SALT_BYTES, Member
 from dht_adaptor.protocol import (
     Address,
     Bindings,
@@ -43,7 +48,6 @@ from dht_adaptor.protocol import (
     NodeProtocol,
     NoStorage,
     Spawn,
-    is_node_id,
     record_chunks,
 )
 from dht_adaptor.record import (
@@ -122,17 +126,23 @@ class DhtNode:
         store: RecordStore,
         trust: TrustStore,
         *,
+        key: SiteKey,
+        salt: bytes | None = None,
         ksize: int = 20,
         alpha: int = 3,
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
         clock: Callable[[], float] = time.time,
-        node_id: bytes | None = None,
         republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
         dead_ttl: float = DEFAULT_DEAD_TTL,
         hedge: bool = True,
     ) -> None:
         """``store`` stays the caller's: :meth:`close` does not close it.
+
+        ``key`` is the site's: every datagram is signed with it, and the node id is
+        SHA-1(public key || ``salt``) (``salt``: 8 bytes, random if not given; the same
+        salt gives the same node id again). Only nodes whose key ``trust`` holds are
+        heard; ``trust`` also decides which bindings are believed.
 
         ``rpc_timeout`` is when an RPC fails and its node is evicted; with ``hedge`` a
         lookup asks the next node after a few round-trip times meanwhile (see IterativeLookup).
@@ -148,8 +158,7 @@ class DhtNode:
                 raise ValueError(f"{name} must be positive, not {value}")
         if dead_ttl < 0:
             raise ValueError(f"dead_ttl must not be negative, not {dead_ttl}")
-        if node_id is not None and not is_node_id(node_id):
-            raise ValueError("node_id must be 20 bytes")
+        self._member = Member(key, os.urandom(SALT_BYTES) if salt is None else salt)
         self._store = store
         self._trust = trust
         self._ksize = ksize
@@ -166,7 +175,7 @@ class DhtNode:
         self._had_peers = False
         self._address: Address | None = None
         self._server = NodeServer(
-            self._make_protocol, self._spawn, ksize=ksize, alpha=alpha, node_id=node_id
+            self._make_protocol, self._spawn, ksize=ksize, alpha=alpha, node_id=self._member.node_id
         )
 
     def __repr__(self) -> str:
@@ -176,6 +185,8 @@ class DhtNode:
         return NodeProtocol(
             source_node,
             ksize,
+            member=self._member,
+            trust=self._trust,
             store=self._store,
             clock=self._clock,
             stats=self._counters,
@@ -219,6 +230,11 @@ class DhtNode:
         return self._trust
 
     @property
+    def member(self) -> Member:
+        """This node's proof of membership: the site key and the salt of its node id."""
+        return self._member
+
+    @property
     def node_id(self) -> bytes:
         return bytes(self._server.node.id)
 
@@ -249,19 +265,17 @@ class DhtNode:
         resolved = await self._resolve(*addr)
         if resolved is None:
             return False
-        ok, node_id = await self._protocol.ping(resolved, self.node_id)
-        return bool(ok) and is_node_id(node_id)
+        return await self._protocol.ping_address(resolved) is not None
 
     async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> int:
         """Join via known nodes (hostnames are resolved); returns how many peers we know."""
         protocol = self._protocol
         resolved = await asyncio.gather(*(self._resolve(host, port) for host, port in addrs))
-        pings = [protocol.ping(a, self.node_id) for a in resolved if a is not None]
+        addresses = [a for a in resolved if a is not None]
+        pings = [protocol.ping_address(a) for a in addresses]
         seeds = []
-        for address, (ok, node_id) in zip(
-            [a for a in resolved if a is not None], await asyncio.gather(*pings), strict=True
-        ):
-            if ok and is_node_id(node_id) and node_id != self.node_id:
+        for address, node_id in zip(addresses, await asyncio.gather(*pings), strict=True):
+            if node_id is not None and node_id != self.node_id:
                 seed = Node(node_id, address[0], address[1])
                 protocol.welcome_if_new(seed)
                 seeds.append(seed)

@@ -11,6 +11,12 @@ checks every name used here. What it changes:
 * **Dead nodes cost little.** The RPC timeout is configurable (kademlia waits 5 s), a
   timed-out address is skipped by our own lookups for ``dead_ttl`` seconds (any datagram
   from it clears that at once), and it leaves the routing table (kademlia already does).
+* **A closed overlay.** Every datagram sent is sealed with the site key and every one
+  received is opened (:mod:`dht_adaptor.membership`) before anything else: a datagram
+  without valid proof of a trusted site is counted, logged once per interval and
+  dropped, never answered, and never clears a dead mark or enters the routing table. A
+  request must name the node id bound to its proof, and an answer must come from the
+  node id we asked (``_request`` replaces rpcudp's stub for that; the stub is unused).
 * **Robust to bad peers.** Undecodable datagrams, unknown RPCs, wrong argument counts or
   types, node lists with hostnames or bad ids are dropped and logged at debug level; they
   never raise inside a task or send a traceback to the log.
@@ -30,6 +36,7 @@ import inspect
 import ipaddress
 import logging
 import math
+import os
 import socket
 import struct
 from collections import deque
@@ -41,8 +48,11 @@ import umsgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.storage import IStorage
+from rpcudp.exceptions import MalformedMessage
 
-from dht_adaptor.record import DhtBinding, RecordError, RecordTooLarge, encode_record
+from dht_adaptor.keys import TrustStore
+from dht_adaptor.membership import Member, NotAMember, Refusal, RefusalLog, Sender, open_datagram
+from dht_adaptor.record import WIRE_LIMIT, DhtBinding, RecordError, RecordTooLarge, encode_record
 from dht_adaptor.record_store import MAX_HELD_BYTES, RecordStore, RecordStoreError
 
 __all__ = [
@@ -63,6 +73,8 @@ _ID_BYTES = 20
 _MAX_NODES_IN_ANSWER = 64  # a find_node answer holds k nodes; more is a peer misbehaving
 _UNPACK_ERRORS = (umsgpack.UnpackException, ValueError, OverflowError, RecursionError, struct.error)
 _RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value"})
+
+_OTHER_NODE = object()  # the answer to a call came from another node id than the one asked
 
 _MIN_PATIENCE = 0.05  # seconds; see NodeProtocol.patience
 _PATIENCE_FACTOR = 3.0
@@ -101,6 +113,8 @@ class DhtStats:
     rpc_timeouts: int = 0
     rejected_on_get: int = 0  # bindings in find_value answers that failed verification
     repairs: int = 0  # records sent by read repair, replication and republishing
+    refused: dict[Refusal, int] = field(default_factory=lambda: dict.fromkeys(Refusal, 0))
+    other_node_answers: int = 0  # answers from a node id we did not ask (a restart, say)
     put_latency: Latency = field(default_factory=Latency)
     get_latency: Latency = field(default_factory=Latency)
 
@@ -116,6 +130,9 @@ class DhtStats:
             "rejected_on_get": self.rejected_on_get,
             "rpc_timeouts": self.rpc_timeouts,
             "repairs": self.repairs,
+            "refused_datagrams": sum(self.refused.values()),
+            **{f"refused_{reason.value}": n for reason, n in self.refused.items()},
+            "other_node_answers": self.other_node_answers,
             "put_latency_last": self.put_latency.last,
             "put_latency_total": self.put_latency.total,
             "put_latency_max": self.put_latency.max,
@@ -139,6 +156,14 @@ def _checked_id(value: object, what: str) -> bytes:
     if not isinstance(value, bytes) or len(value) != _ID_BYTES:
         raise _BadRequest(f"{what} is not {_ID_BYTES} bytes")
     return value
+
+
+def _claimed_id(request: object) -> bytes | None:
+    """The node id a request names as its sender (its first argument), if it names one."""
+    if not (isinstance(request, list) and len(request) == 2 and isinstance(request[1], list)):
+        return None
+    args = request[1]
+    return bytes(args[0]) if args and is_node_id(args[0]) else None
 
 
 def record_chunks(bindings: Bindings) -> list[bytes]:
@@ -175,13 +200,16 @@ class NoStorage(IStorage):  # type: ignore[misc]
 
 
 class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
-    """kademlia's protocol with merged, verified values and defensive request handling."""
+    """kademlia's protocol for members only, with merged, verified values and defensive
+    request handling."""
 
     def __init__(
         self,
         source_node: Node,
         ksize: int,
         *,
+        member: Member,
+        trust: TrustStore,
         store: RecordStore,
         clock: Callable[[], float],
         stats: DhtStats,
@@ -190,14 +218,20 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         dead_ttl: float,
         hedge: bool,
     ) -> None:
+        if bytes(source_node.id) != member.node_id:
+            raise ValueError("the node id is not the one bound to the site key and salt")
         super().__init__(source_node, NoStorage(), ksize)
         self._wait_timeout = rpc_timeout  # rpcudp's per-RPC timeout
+        self._member = member
+        self._trust = trust  # asked at every datagram: never copy keys out of it
         self._store = store
         self._clock = clock
         self._stats = stats
         self._spawn = spawn
         self._dead_ttl = dead_ttl
         self._dead: dict[Address, float] = {}  # address -> loop time it timed out
+        self._expect: dict[bytes, tuple[str, bytes | None]] = {}  # msg id -> (rpc, node id)
+        self._refusals = RefusalLog()
         self._closed = False
         self._family = socket.AF_INET
         self._signatures: dict[str, inspect.Signature] = {}
@@ -214,11 +248,42 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
     # -- receiving ---------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._dead.pop((addr[0], addr[1]), None)  # it is alive after all
-        if not self._closed:
-            self._spawn(self._solve_datagram(data, addr))
+        # Membership first, synchronously: a non-member costs no task, and nothing it
+        # sends changes any state but the refusal counters.
+        if self._closed:
+            return
+        address = (addr[0], addr[1])
+        sender = self._admit(data, address)
+        if sender is not None:
+            self._dead.pop(address, None)  # a member: it is alive after all
+            self._spawn(self._dispatch(sender, address))
 
     async def _solve_datagram(self, datagram: bytes, address: Any) -> None:
+        # rpcudp's datagram_received calls this; ours admits and dispatches itself.
+        sender = self._admit(datagram, (address[0], address[1]))
+        if sender is not None:
+            await self._dispatch(sender, (address[0], address[1]))
+
+    def _admit(self, data: bytes, address: Address) -> Sender | None:
+        try:
+            return open_datagram(data, self._trust, self._clock())
+        except NotAMember as exc:
+            self._refuse(exc.reason, address, exc.key_id)
+            return None
+
+    def _refuse(self, reason: Refusal, address: Address, key_id: str | None) -> None:
+        self._stats.refused[reason] += 1
+        key = "" if key_id is None else f" {key_id}"
+        detail = f"{reason.text}{key} from {address[0]}:{address[1]}"
+        line = self._refusals.note(self._now(), detail)
+        if line is not None:
+            log.warning("%s", line)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _dispatch(self, sender: Sender, address: Address) -> None:
+        datagram = sender.datagram
         if len(datagram) < 22:
             log.debug("datagram of %d bytes from %s ignored", len(datagram), address)
             return
@@ -229,11 +294,45 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
             log.debug("undecodable datagram from %s: %r", address, exc)
             return
         if datagram[:1] == b"\x00":
+            claimed = _claimed_id(data)
+            if claimed is not None and claimed != sender.node_id:
+                # A request naming another node id than its proof is bound to.
+                self._refuse(Refusal.WRONG_NODE_ID, address, sender.key_id)
+                return
             await self._accept_request(msg_id, data, address)
         elif datagram[:1] == b"\x01":
-            self._accept_response(msg_id, data, address)
+            if self._from_whom_we_asked(msg_id, data, sender, address):
+                self._accept_response(msg_id, data, address)
         else:
             log.debug("datagram of unknown kind from %s ignored", address)
+
+    def _from_whom_we_asked(
+        self, msg_id: bytes, data: Any, sender: Sender, address: Address
+    ) -> bool:
+        """Is this answer from the node id we asked (and a ping answer naming its own id)?
+
+        If not (a node restarted with a new id at the same address, or a peer that listed
+        a made-up contact), the call fails at once, without a dead mark for the address,
+        and the node that did answer is a contact like any member that writes to us.
+        """
+        expected = self._expect.pop(msg_id, None)
+        if expected is None:
+            return True  # late or unknown: _accept_response drops it
+        rpc, node_id = expected
+        if (node_id is None or node_id == sender.node_id) and (
+            rpc != "ping" or data == sender.node_id
+        ):
+            return True
+        self._stats.other_node_answers += 1
+        log.debug("answer to %s from %s is from another node id", rpc, address)
+        entry = self._outstanding.pop(msg_id, None)
+        if entry is not None:
+            future, timer = entry
+            timer.cancel()
+            if not future.done():
+                future.set_result((False, _OTHER_NODE))
+        self.welcome_if_new(Node(sender.node_id, address[0], address[1]))
+        return False
 
     def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
         entry = self._outstanding.pop(msg_id, None)
@@ -272,13 +371,45 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
             log.debug("rpc_%s from %s ignored: %s", name, address, exc)
             return
         if not self._closed:
-            self.transport.sendto(b"\x01" + msg_id + umsgpack.packb(response), address)
+            self._send(b"\x01" + msg_id + umsgpack.packb(response), address)
 
     def _timeout(self, msg_id: bytes) -> None:
         self._stats.rpc_timeouts += 1
+        self._expect.pop(msg_id, None)
         entry = self._outstanding.pop(msg_id, None)
         if entry is not None and not entry[0].done():
             entry[0].set_result((False, None))
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _send(self, datagram: bytes, address: Address) -> None:
+        """Send an rpcudp datagram, sealed with our proof of membership."""
+        self.transport.sendto(self._member.seal(datagram, self._clock()), address)
+
+    def _request(
+        self, address: Address, rpc: str, args: tuple[Any, ...], expect: bytes | None
+    ) -> asyncio.Future[tuple[bool, Any]]:
+        """rpcudp's stub, sealed, remembering whom we asked: the future's result is
+        (True, answer) or (False, None) after ``rpc_timeout``. ``expect``: the node id
+        that must answer (None: any member; a ping answer must name the sender's id)."""
+        msg_id = os.urandom(20)
+        payload = umsgpack.packb([rpc, args])
+        if len(payload) > WIRE_LIMIT:  # rpcudp's limit: peers' stubs refuse larger ones
+            raise MalformedMessage(f"an RPC of {len(payload)} bytes is over {WIRE_LIMIT}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+        self._send(b"\x00" + msg_id + payload, address)
+        timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        self._outstanding[msg_id] = (future, timer)
+        self._expect[msg_id] = (rpc, expect)
+        return future
+
+    async def ping_address(self, address: Address) -> bytes | None:
+        """The node id of the member answering a ping at ``address``, or None."""
+        if self._closed:
+            return None
+        ok, node_id = await self._request(address, "ping", (self.source_node.id,), None)
+        return bytes(node_id) if ok and is_node_id(node_id) else None
 
     # -- RPC handlers ------------------------------------------------------------------
 
@@ -345,7 +476,7 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         since = self._dead.get(address)
         if since is None:
             return False
-        if asyncio.get_running_loop().time() - since < self._dead_ttl:
+        if self._now() - since < self._dead_ttl:
             return True
         del self._dead[address]
         return False
@@ -355,15 +486,17 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         if self._closed:
             return (False, None)
         if self.is_dead(address):
-            self.router.remove_contact(node)
+            self._forget_contact(node)
             return (False, None)
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
-        result: tuple[bool, Any] = await getattr(self, rpc)(address, self.source_node.id, *args)
+        sent = self._now()
+        future = self._request(address, rpc, (self.source_node.id, *args), bytes(node.id))
+        result = await future
         if result[0]:
-            self._rtts.append(loop.time() - sent)
+            self._rtts.append(self._now() - sent)
+        elif result[1] is _OTHER_NODE:
+            result = (False, None)  # someone else lives there now: no dead mark
         elif not self._closed:
-            self._dead[address] = loop.time()
+            self._dead[address] = self._now()
         return self.handle_call_response(result, node)
 
     def patience(self) -> float:
@@ -404,10 +537,21 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
     def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
         # kademlia's, without a warning per timeout: under churn that floods the log.
         if not result[0]:
-            self.router.remove_contact(node)
+            self._forget_contact(node)
         else:
             self.welcome_if_new(node)
         return result
+
+    def _forget_contact(self, node: Node) -> None:
+        """Take ``node`` out of the routing table, unless the table holds its id at another
+        address: a made-up contact (a real id at a wrong address, listed by a peer) must
+        not evict the real one (kademlia removes by id)."""
+        index = self.router.get_bucket_for(node)
+        if index is None:  # kademlia's get_bucket_for misses the very last id
+            return
+        held = self.router.buckets[index][node.id]
+        if held is None or (held.ip, held.port) == (node.ip, node.port):
+            self.router.remove_contact(node)
 
     def parse_nodes(self, payload: object) -> list[Node]:
         """The valid, not-ourselves, not-known-dead nodes of a find_node answer."""
@@ -471,10 +615,15 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
             log.warning("cannot replicate to %s: %s", node, exc)
 
     def prune(self) -> None:
-        """Forget dead marks and replication times older than ``dead_ttl``."""
-        horizon = asyncio.get_running_loop().time() - self._dead_ttl
+        """Forget dead marks and replication times older than ``dead_ttl``; log the
+        refused datagrams not logged yet."""
+        now = self._now()
+        horizon = now - self._dead_ttl
         self._dead = {a: since for a, since in self._dead.items() if since >= horizon}
         self._welcomed = {n: since for n, since in self._welcomed.items() if since >= horizon}
+        line = self._refusals.flush(now)
+        if line is not None:
+            log.warning("%s", line)
 
     def shutdown(self) -> None:
         """Stop answering; every RPC still waiting fails now instead of at its timeout."""
@@ -484,3 +633,4 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
             if not future.done():
                 future.set_result((False, None))
         self._outstanding.clear()
+        self._expect.clear()

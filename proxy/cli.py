@@ -6,6 +6,9 @@
             new pair, endorsed by the old key, for rotation without a gap)
 ``lookup``  the verified bindings the DHT holds for an AOR, as JSON (exit 1: none)
 ``ping``    does a DHT node answer? (exit 0 if it does, 1 if not: a healthcheck)
+
+``dht``, ``lookup`` and ``ping`` prove membership of the overlay with the site key in
+``--data-dir`` (``dht`` creates one if there is none; the others need it: exit 2).
 """
 
 from __future__ import annotations
@@ -100,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
 
     ping = sub.add_parser("ping", help="check that a DHT node answers (exit 1 if not)")
     ping.add_argument("node", metavar="HOST:PORT")
+    ping.add_argument("--data-dir", metavar="DIR", help="the site whose key signs the ping")
+    ping.add_argument(
+        "--trust",
+        dest="trust_dir",
+        metavar="DIR",
+        help="folder of trusted site keys (*.pub); default: only this site's key",
+    )
     ping.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     return p  # fmt: skip
 
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lookup":
         return _lookup(config, args.aor, args.timeout)
     if args.command == "ping":
-        return _ping(args.node, args.timeout)
+        return _ping(config, args.node, args.timeout)
     from .app import StartupError, run_dht, run_site
 
     try:
@@ -196,17 +206,21 @@ def _lookup(config: Config, aor_text: str, timeout: float) -> int:
     return 0
 
 
-def _ping(node: str, timeout: float) -> int:
+def _ping(config: Config, node: str, timeout: float) -> int:
     from .config import parse_hostport
     from .lookup import LookupError_, ping_node
 
     try:
         addr = parse_hostport(node, "ping", 6084)
-        ok = asyncio.run(ping_node(addr, timeout))
+        ok = asyncio.run(ping_node(addr, timeout, config.data_dir, config.trust_dir))
     except (ConfigError, LookupError_) as exc:
         return _fail(str(exc))
     if not ok:
-        print(f"p2psip: no DHT node answered at {addr}", file=sys.stderr)
+        print(
+            f"p2psip: no DHT node answered at {addr} (a node that does not trust the key in "
+            f"{config.data_dir}, or one we do not trust, looks dead)",
+            file=sys.stderr,
+        )
         return 1
     print(f"DHT node at {addr} answered")
     return 0

@@ -1,10 +1,16 @@
-"""``p2psip lookup``: join the overlay as a short-lived node and print an AOR's bindings."""
+"""``p2psip lookup`` and ``ping``: short-lived DHT nodes of a site.
+
+The overlay hears only its members, so both prove membership with the site key in
+``--data-dir`` (a node's id is bound to it); a missing key is an error (exit status 2).
+A node that does not trust this site's key answers nothing: to us it looks dead.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from pathlib import Path
 
 from dht_adaptor.errors import DhtError, DhtUnavailable
 from dht_adaptor.keys import KeyFileError, SiteKey, TrustStore
@@ -46,20 +52,15 @@ async def lookup_aor(config: Config, aor_text: str, timeout: float) -> str | Non
     if not timeout > 0:
         raise LookupError_("--timeout must be positive")
     aor = normalize_aor(aor_text)
-    try:
-        own = SiteKey.load(config.data_dir) if (config.data_dir / "site.key").exists() else None
-        trust = TrustStore.from_dir(config.trust_dir, own)
-    except KeyFileError as exc:
-        raise LookupError_(str(exc)) from None
-    if len(trust) == 0:
-        raise LookupError_("no trusted keys: give --trust DIR or --data-dir of a site")
-    node = DhtNode(MemoryRecordStore(trust), trust, rpc_timeout=config.dht_rpc_timeout)
+    key, trust = load_member(config.data_dir, config.trust_dir, "lookup")
+    node = DhtNode(MemoryRecordStore(trust), trust, key=key, rpc_timeout=config.dht_rpc_timeout)
     host = "127.0.0.1" if all(is_loopback(b.host) for b in config.bootstrap) else "0.0.0.0"
     try:
         await node.listen(host, 0)
         found = await asyncio.wait_for(_find(node, config, aor), timeout)
     except (DhtError, TimeoutError, OSError) as exc:
-        raise LookupUnavailable(f"lookup of {aor} failed: {exc or 'timed out'}") from None
+        reason = str(exc) or f"timed out ({_unheard(key)})"
+        raise LookupUnavailable(f"lookup of {aor} failed: {reason}") from None
     finally:
         await node.close()
     if not found:
@@ -83,19 +84,43 @@ async def lookup_aor(config: Config, aor_text: str, timeout: float) -> str | Non
     )
 
 
+def load_member(data_dir: Path, trust_dir: Path | None, command: str) -> tuple[SiteKey, TrustStore]:
+    """The site key in ``data_dir`` and the keys trusted with it, or LookupError_."""
+    if not (Path(data_dir) / "site.key").exists():
+        raise LookupError_(
+            f"no site key in {data_dir}: p2psip {command} proves membership of the overlay "
+            "with it (give --data-dir of a site whose key the overlay trusts)"
+        )
+    try:
+        key = SiteKey.load(data_dir)
+        return key, TrustStore.from_dir(trust_dir, key)
+    except KeyFileError as exc:
+        raise LookupError_(str(exc)) from None
+
+
+def _unheard(key: SiteKey) -> str:
+    return f"do the nodes trust this site's key {key.key_id}?"
+
+
 async def _find(node: DhtNode, config: Config, aor: str) -> tuple[DhtBinding, ...]:
     peers = await node.bootstrap([(b.host, b.port) for b in config.bootstrap])
     if peers == 0:
-        raise DhtUnavailable("no bootstrap node answered")
+        raise DhtUnavailable(f"no bootstrap node answered ({_unheard(node.member.key)})")
     return await node.get(aor)
 
 
-async def ping_node(addr: HostPort, timeout: float) -> bool:
-    """True if the DHT node at ``addr`` answers a ping within ``timeout`` seconds."""
+async def ping_node(
+    addr: HostPort, timeout: float, data_dir: Path, trust_dir: Path | None = None
+) -> bool:
+    """True if the DHT node at ``addr`` answers a ping within ``timeout`` seconds.
+
+    The ping is signed with the site key in ``data_dir`` (LookupError_ if there is none),
+    and the answer must come from a key of ``trust_dir`` or that site key.
+    """
     if not timeout > 0:
         raise LookupError_("--timeout must be positive")
-    trust = TrustStore({})
-    node = DhtNode(MemoryRecordStore(trust), trust, rpc_timeout=timeout)
+    key, trust = load_member(data_dir, trust_dir, "ping")
+    node = DhtNode(MemoryRecordStore(trust), trust, key=key, rpc_timeout=timeout)
     try:
         await node.listen("127.0.0.1" if is_loopback(addr.host) else "0.0.0.0", 0)
         return await asyncio.wait_for(node.ping((addr.host, addr.port)), timeout + 1)

@@ -174,7 +174,7 @@ async def open_dht(config: Config) -> tuple[DhtNode, SiteKey]:
     except KeyFileError as exc:
         raise StartupError(str(exc)) from None
     records = await open_record_store(config, trust)
-    node = DhtNode(records, trust, rpc_timeout=config.dht_rpc_timeout)
+    node = DhtNode(records, trust, key=key, rpc_timeout=config.dht_rpc_timeout)
     listen = config.dht_listen
     try:
         port = await node.listen(listen.host, listen.port)

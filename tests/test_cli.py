@@ -453,3 +453,11 @@ def test_keygen_rotate_needs_a_key(tmp_path: Path) -> None:
 def test_keygen_rotate_and_force_exclude_each_other(tmp_path: Path) -> None:
     proc = p2psip("keygen", "--rotate", "--force", "--data-dir", str(tmp_path))
     assert_one_line_error(proc, "not allowed with")
+
+
+@pytest.mark.parametrize(
+    "argv", [["ping", "127.0.0.1:9"], ["lookup", "sip:a@example.com", "--bootstrap", "127.0.0.1:9"]]
+)
+def test_ping_and_lookup_need_the_site_key(argv: list[str], tmp_path: Path) -> None:
+    # They prove membership of the overlay with it (tests/test_dht_process.py: with one).
+    assert_one_line_error(p2psip(*argv, "--data-dir", str(tmp_path)), f"no site key in {tmp_path}")

@@ -2,11 +2,13 @@
 
 ``dht_adaptor/protocol.py``, ``lookup.py`` and ``node.py`` override private internals of
 rpcudp's ``RPCProtocol``, kademlia's ``KademliaProtocol`` and ``Server``, and call
-``RoutingTable``, ``NodeHeap`` and ``Node`` directly. A renamed method would not fail
-loudly: our override would simply stop being called and the engine's default (5 s
-timeouts, untracked tasks, tracebacks for bad datagrams) would come back. So every name
-we override or rely on is checked here, with the parameter names we use, and each
-failure says which part of our code to re-check. The versions are pinned in
+``RoutingTable``, ``NodeHeap`` and ``Node`` directly. (rpcudp's RPC stub is not used: our
+``NodeProtocol._request`` sends rpcudp's datagram sealed with a membership proof and keeps
+rpcudp's ``_outstanding`` table, so its framing and limits are checked on ours.) A
+renamed method would not fail loudly: our override would simply stop being called and
+the engine's default (5 s timeouts, untracked tasks, tracebacks for bad datagrams) would
+come back. So every name we override or rely on is checked here, with the parameter
+names we use, and each failure says which part of our code to re-check. The versions are pinned in
 pyproject.toml; :data:`REVIEWED` is what this contract was checked against.
 """
 
@@ -38,7 +40,8 @@ from kademlia.utils import digest
 from rpcudp.exceptions import MalformedMessage
 from rpcudp.protocol import RPCProtocol
 
-from dht_adaptor.keys import TrustStore
+from dht_adaptor.keys import SiteKey, TrustStore
+from dht_adaptor.membership import Member, open_datagram
 from dht_adaptor.node import NodeServer
 from dht_adaptor.protocol import _RPC_NAMES, _UNPACK_ERRORS, DhtStats, NodeProtocol, NoStorage
 from dht_adaptor.record import MAX_RECORD_BYTES, WIRE_LIMIT, dht_key
@@ -127,9 +130,9 @@ OVERRIDES: list[tuple[type, type, str, list[str], str]] = [
     (RPCProtocol, NodeProtocol, "connection_made", ["transport"],
      f"NodeProtocol.connection_made in {PROTO} (reads the socket family after super())"),
     (RPCProtocol, NodeProtocol, "datagram_received", ["data", "addr"],
-     f"NodeProtocol.datagram_received in {PROTO} (spawns _solve_datagram as a tracked task)"),
+     f"NodeProtocol.datagram_received in {PROTO} (admits members, spawns _dispatch)"),
     (RPCProtocol, NodeProtocol, "_solve_datagram", ["datagram", "address"],
-     f"NodeProtocol._solve_datagram in {PROTO} (datagram framing, msgpack decode errors)"),
+     f"NodeProtocol._solve_datagram in {PROTO} (admits members, then _dispatch)"),
     (RPCProtocol, NodeProtocol, "_accept_request", ["msg_id", "data", "address"],
      f"NodeProtocol._accept_request in {PROTO} (request checks, response framing)"),
     (RPCProtocol, NodeProtocol, "_accept_response", ["msg_id", "data", "address"],
@@ -222,8 +225,9 @@ CALLED: list[tuple[Callable[..., Any], list[str], str]] = [
     (RoutingTable.find_neighbors, ["node", "k", "exclude"],
      f"NodeProtocol.live_neighbors, rpc_find_node, rpc_find_value, _replicate_to in {PROTO}; "
      f"NodeServer._refresh_table in {NODE} (k positional)"),
-    (RoutingTable.remove_contact, ["node"],
-     f"NodeProtocol._call and handle_call_response in {PROTO}"),
+    (RoutingTable.remove_contact, ["node"], f"NodeProtocol._forget_contact in {PROTO}"),
+    (RoutingTable.get_bucket_for, ["node"], f"NodeProtocol._forget_contact in {PROTO}"),
+    (KBucket.__getitem__, ["node_id"], f"NodeProtocol._forget_contact in {PROTO}"),
     (RoutingTable.is_new_node, ["node"], f"NodeProtocol.welcome_if_new in {PROTO}"),
     (RoutingTable.add_contact, ["node"], f"NodeProtocol.welcome_if_new in {PROTO}"),
     (KBucket.get_nodes, [], f"DhtNode.peers in {NODE}"),
@@ -235,8 +239,9 @@ CALLED: list[tuple[Callable[..., Any], list[str], str]] = [
     (NodeHeap.remove, ["peers"], f"IterativeLookup._set_aside in {LOOKUP}"),
     (NodeHeap.mark_contacted, ["node"], f"IterativeLookup.run in {LOOKUP}"),
     (NodeHeap.get_uncontacted, [], f"IterativeLookup.run in {LOOKUP}"),
-    (umsgpack.packb, ["obj", "options"], f"NodeProtocol._accept_request in {PROTO}"),
-    (umsgpack.unpackb, ["s", "options"], f"NodeProtocol._solve_datagram in {PROTO}"),
+    (umsgpack.packb, ["obj", "options"],
+     f"NodeProtocol._accept_request and _request in {PROTO}"),
+    (umsgpack.unpackb, ["s", "options"], f"NodeProtocol._dispatch in {PROTO}"),
 ]  # fmt: skip
 
 
@@ -328,15 +333,24 @@ class FakeTransport:
         return default
 
 
+SITE = SiteKey.generate()
+TRUST = TrustStore({SITE.key_id: SITE.public_bytes})
+MEMBER_A, MEMBER_B = Member(SITE, b"a" * 8), Member(SITE, b"b" * 8)
+A, B = MEMBER_A.node_id, MEMBER_B.node_id
+ADDR_A, ADDR_B = ("127.0.0.1", 4001), ("127.0.0.1", 4002)
+NOW = 1_700_000_000.0
+
+
 def make_protocol(
-    node_id: bytes, spawn: Spawner, *, rpc_timeout: float = 5.0, ksize: int = 20
+    member: Member, spawn: Spawner, *, rpc_timeout: float = 5.0, ksize: int = 20
 ) -> NodeProtocol:
-    trust = TrustStore({})
     return NodeProtocol(
-        Node(node_id),
+        Node(member.node_id),
         ksize,
-        store=MemoryRecordStore(trust),
-        clock=lambda: 1_700_000_000.0,
+        member=member,
+        trust=TRUST,
+        store=MemoryRecordStore(TRUST),
+        clock=lambda: NOW,
         stats=DhtStats(),
         spawn=spawn,
         rpc_timeout=rpc_timeout,
@@ -345,14 +359,12 @@ def make_protocol(
     )
 
 
-A, B = b"\x01" * 20, b"\x02" * 20
-ADDR_A, ADDR_B = ("127.0.0.1", 4001), ("127.0.0.1", 4002)
-
-
 def test_protocol_attributes_set_by_the_engine() -> None:
     # On the engine's own objects: NodeProtocol sets _wait_timeout itself, so only a bare
     # RPCProtocol shows whether rpcudp still has that attribute.
-    recheck = f"re-check NodeProtocol.__init__, _timeout, patience and shutdown in {PROTO}"
+    recheck = (
+        f"re-check NodeProtocol.__init__, _request, _timeout, patience and shutdown in {PROTO}"
+    )
     bare = vars(RPCProtocol(wait_timeout=0.25))
     assert bare.get("_wait_timeout") == 0.25, f"rpcudp's _wait_timeout is gone: {recheck}"
     assert bare.get("_outstanding") == {}, f"rpcudp's _outstanding dict is gone: {recheck}"
@@ -365,87 +377,76 @@ def test_protocol_attributes_set_by_the_engine() -> None:
     assert isinstance(router, RoutingTable), f"KademliaProtocol.router changed: {recheck}"
     assert router.ksize == 7, f"RoutingTable.ksize changed: _replicate_to in {PROTO}"
     assert all(isinstance(b, KBucket) for b in router.buckets), f"DhtNode.peers in {NODE}"
-    ours = make_protocol(A, Spawner())
-    for rpc in ("ping", "store", "find_node", "find_value"):
-        for cls in (NodeProtocol, KademliaProtocol, RPCProtocol):
-            assert not hasattr(cls, rpc), (
-                f"{cls.__name__}.{rpc} now exists and hides rpcudp's RPC stub: re-check "
-                f"NodeProtocol._call in {PROTO} and DhtNode.ping/bootstrap in {NODE}"
-            )
-        assert params(getattr(ours, rpc)) == ["address", "args"], (
-            f"rpcudp's RPC stub for {rpc} changed: re-check NodeProtocol._call in {PROTO}"
-        )
 
 
-async def test_rpc_stub_wire_format_and_answer() -> None:
+def test_a_protocol_is_bound_to_its_members_node_id() -> None:
+    with pytest.raises(ValueError, match="bound"):
+        NodeProtocol(
+            Node(B), 20, member=MEMBER_A, trust=TRUST, store=MemoryRecordStore(TRUST),
+            clock=lambda: NOW, stats=DhtStats(), spawn=Spawner(), rpc_timeout=1.0,
+            dead_ttl=30.0, hedge=True,
+        )  # fmt: skip
+
+
+def inner(sent: bytes) -> bytes:
+    """The rpcudp datagram inside one we sent (which must be sealed by a member)."""
+    return open_datagram(sent, TRUST, NOW).datagram
+
+
+async def test_request_wire_format_and_answer() -> None:
     spawn = Spawner()
-    a, b = make_protocol(A, spawn), make_protocol(B, spawn)
+    a, b = make_protocol(MEMBER_A, spawn), make_protocol(MEMBER_B, spawn)
     a.connection_made(ta := FakeTransport())
     b.connection_made(tb := FakeTransport())
     assert a.transport is ta, f"rpcudp's connection_made: NodeProtocol.connection_made ({PROTO})"
-    future = a.ping(ADDR_B, A)
+    pinging = asyncio.ensure_future(a.ping_address(ADDR_B))
+    await asyncio.sleep(0)
     [(request, to)] = ta.sent
-    msg_id = request[1:21]
-    assert to == ADDR_B and request[:1] == b"\x00", f"re-check _solve_datagram in {PROTO}"
-    assert umsgpack.unpackb(request[21:]) == ["ping", [A]], (
-        f"rpcudp's request framing changed: re-check _solve_datagram/_accept_request in {PROTO}"
+    plain = inner(request)
+    msg_id = plain[1:21]
+    assert to == ADDR_B and plain[:1] == b"\x00", f"re-check _dispatch in {PROTO}"
+    assert umsgpack.unpackb(plain[21:]) == ["ping", [A]], (
+        f"rpcudp's request framing changed: re-check _request/_accept_request in {PROTO}"
     )
     entry = a._outstanding[msg_id]
-    assert isinstance(entry, tuple) and len(entry) == 2, (
-        f"rpcudp's _outstanding entries are no longer (future, timer): re-check "
-        f"_accept_response, _timeout and shutdown in {PROTO}"
-    )
+    assert isinstance(entry, tuple) and len(entry) == 2
     b.datagram_received(request, ADDR_A)
     await spawn.settle()
-    assert tb.sent == [(b"\x01" + msg_id + umsgpack.packb(B), ADDR_A)]
-    a.datagram_received(tb.sent[0][0], ADDR_B)
-    assert await asyncio.wait_for(future, 1.0) == (True, B), (
-        f"rpcudp's stub future no longer takes our (ok, data) result: _accept_response in {PROTO}"
-    )
+    [(answer, back)] = tb.sent
+    assert back == ADDR_A and inner(answer) == b"\x01" + msg_id + umsgpack.packb(B)
+    a.datagram_received(answer, ADDR_B)
+    assert await asyncio.wait_for(pinging, 1.0) == B
     assert a._outstanding == {} and entry[1].cancelled()
     await spawn.close()
 
 
-async def test_rpc_stub_timeout_calls_our_timeout() -> None:
+async def test_request_timeout_calls_our_timeout() -> None:
     spawn = Spawner()
-    protocol = make_protocol(A, spawn, rpc_timeout=0.01)
+    protocol = make_protocol(MEMBER_A, spawn, rpc_timeout=0.01)
     protocol.connection_made(FakeTransport())
-    recheck = f"re-check NodeProtocol._timeout and __init__ in {PROTO}"
-    try:
-        result = await asyncio.wait_for(protocol.find_node(ADDR_B, A, B), 1.0)
-    except TimeoutError:
-        pytest.fail(f"rpcudp's stub no longer times out after _wait_timeout: {recheck}")
-    assert result == (False, None) and protocol._stats.rpc_timeouts == 1, (
-        f"rpcudp's stub no longer calls self._timeout(msg_id): {recheck}"
-    )
-    assert protocol._outstanding == {}
+    future = protocol._request(ADDR_B, "find_node", (A, B), B)
+    assert await asyncio.wait_for(future, 1.0) == (False, None)
+    assert protocol._stats.rpc_timeouts == 1
+    assert protocol._outstanding == {} and protocol._expect == {}
     await spawn.close()
 
 
-async def test_rpc_stub_size_limit_fits_a_record() -> None:
+async def test_request_size_limit_fits_a_record() -> None:
     spawn = Spawner()
-    protocol = make_protocol(A, spawn)
+    protocol = make_protocol(MEMBER_A, spawn)
     protocol.connection_made(transport := FakeTransport())
     record = b"x" * MAX_RECORD_BYTES
-    protocol.store(ADDR_B, A, B, record).cancel()
-    assert len(transport.sent) == 1, (
-        "rpcudp now refuses a store of MAX_RECORD_BYTES: lower it in dht_adaptor/record.py"
-    )
-    try:
-        protocol.store(ADDR_B, A, B, b"x" * WIRE_LIMIT)
-    except MalformedMessage:
-        pass
-    else:
-        pytest.fail("rpcudp now sends RPCs over 8 KiB: raise WIRE_LIMIT in dht_adaptor/record.py")
-    for future, timer in protocol._outstanding.values():
-        timer.cancel()
-        future.cancel()
+    protocol._request(ADDR_B, "store", (A, B, record), B).cancel()
+    assert len(transport.sent) == 1, "a store of MAX_RECORD_BYTES no longer fits WIRE_LIMIT"
+    with pytest.raises(MalformedMessage):
+        protocol._request(ADDR_B, "store", (A, B, b"x" * WIRE_LIMIT), B)
+    protocol.shutdown()
     await spawn.close()
 
 
 async def test_refresh_ids_are_node_ids() -> None:
     spawn = Spawner()
-    protocol = make_protocol(A, spawn)
+    protocol = make_protocol(MEMBER_A, spawn)
     for bucket in protocol.router.buckets:
         bucket.last_updated = float("-inf")  # lonely
     ids = protocol.get_refresh_ids()
@@ -482,6 +483,11 @@ def test_find_neighbors_nearest_first_without_target_or_excluded() -> None:
     )
     assert len(table.find_neighbors(target, 2)) == 2, f"NodeServer._refresh_table in {NODE}"
     assert table.is_new_node(Node(b"\x09" * 20)) and not table.is_new_node(nodes[0])
+    held = nodes[2]
+    bucket = table.buckets[table.get_bucket_for(held)]
+    assert bucket[held.id] is held and bucket[b"\x09" * 20] is None, (
+        f"a bucket no longer gives its contact by id: NodeProtocol._forget_contact in {PROTO}"
+    )
     table.remove_contact(nodes[0])
     assert table.is_new_node(nodes[0])
 
@@ -507,7 +513,8 @@ async def test_server_uses_our_protocol_and_refresh() -> None:
 
     def make(node: Node, ksize: int) -> NodeProtocol:
         made.append((node, ksize))
-        return make_protocol(bytes(node.id), spawn, ksize=ksize)
+        assert bytes(node.id) == MEMBER_A.node_id
+        return make_protocol(MEMBER_A, spawn, ksize=ksize)
 
     server = NodeServer(make, spawn, ksize=5, alpha=2, node_id=A)
     assert (server.node.id, server.ksize, server.alpha) == (A, 5, 2), (
