@@ -30,6 +30,10 @@ class IterativeLookup:
     The lookup ends when each of the k closest nodes heard of has answered or been set
     aside. A find_value lookup does not stop at the first value: every value is kept
     (records merge), in ``values`` by node id, still untrusted.
+
+    Contacts known to be dead (``protocol.is_dead``) that answers name are left out and
+    kept in ``skipped``; with ``revive`` they are asked after all, their dead marks
+    forgotten (one that is still dead times out and is marked again).
     """
 
     def __init__(
@@ -40,8 +44,11 @@ class IterativeLookup:
         ksize: int,
         alpha: int,
         spawn: Spawn,
+        *,
+        revive: bool = False,
     ) -> None:
         self._protocol = protocol
+        self._revive = revive
         self._target = target
         self._alpha = alpha
         self._spawn = spawn
@@ -53,6 +60,7 @@ class IterativeLookup:
         self._out: set[bytes] = set()
         self.answered = 0
         self.values: dict[bytes, object] = {}
+        self.skipped: dict[bytes, Node] = {}  # known-dead contacts left out, by node id
 
     async def run(self, *, find_value: bool = False) -> list[Node]:
         """The k closest nodes that answered, nearest first."""
@@ -64,6 +72,8 @@ class IterativeLookup:
             patience = self._protocol.patience()  # adapts as answers come in
             for peer in self.nearest.get_uncontacted()[: self._alpha - len(active)]:
                 self.nearest.mark_contacted(peer)
+                if self._revive:
+                    self._protocol.forget_dead((peer.ip, peer.port))
                 task = self._spawn(call(peer, self._target))
                 if task is None:  # the node is closing
                     return list(self.nearest)
@@ -100,11 +110,19 @@ class IterativeLookup:
                 else:
                     self.answered += 1
                     nodes = self._protocol.parse_nodes(payload)
-                    self.nearest.push([n for n in nodes if n.id not in self._out])
+                    self.nearest.push([n for n in nodes if self._admits(n)])
             now = loop.time()
             for task in [t for t in active if now - pending[t][1] >= patience]:
                 active.discard(task)
                 self._set_aside(pending[task][0])
+
+    def _admits(self, node: Node) -> bool:
+        if node.id in self._out:
+            return False
+        if not self._revive and self._protocol.is_dead((node.ip, node.port)):
+            self.skipped[node.id] = node
+            return False
+        return True
 
     def _set_aside(self, peer: Node) -> None:
         self._out.add(peer.id)

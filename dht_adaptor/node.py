@@ -19,6 +19,10 @@ protocol and tracked background tasks. :class:`DhtNode` adds:
 * **Members only.** The node proves its membership with its site's key in every datagram
   and its id is bound to that key (:mod:`dht_adaptor.membership`); it hears only nodes
   whose key its TrustStore holds at that moment.
+* **Partitions heal at the next lookup.** A ``get`` that no node answered with a value,
+  while known-dead contacts that would rank among the k closest were left out, is
+  repeated once with them re-admitted: the far side of a healed partition is asked
+  instead of being hidden by the dead-contact marks for ``dead_ttl``.
 
 A record larger than one store RPC (several sites' bindings merged) is replicated in
 chunks: any subset of a record merges in like the whole.
@@ -31,7 +35,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from kademlia.network import Server
@@ -310,8 +314,12 @@ class DhtNode:
             return []
         return await self._lookup(protocol, target, peers).run()
 
-    def _lookup(self, protocol: NodeProtocol, target: Node, peers: list[Node]) -> IterativeLookup:
-        return IterativeLookup(protocol, target, peers, self._ksize, self._alpha, self._spawn)
+    def _lookup(
+        self, protocol: NodeProtocol, target: Node, peers: list[Node], *, revive: bool = False
+    ) -> IterativeLookup:
+        return IterativeLookup(
+            protocol, target, peers, self._ksize, self._alpha, self._spawn, revive=revive
+        )
 
     def _we_are_close(self, target: Node, nodes: list[Node]) -> bool:
         if len(nodes) < self._ksize:
@@ -414,11 +422,23 @@ class DhtNode:
         found: dict[bytes, Bindings] = {}
         closest: list[Node] = []
         answered = 0
+        skipped = {n.id: n for n in protocol.dead_near(target)}
         if peers:
             lookup = self._lookup(protocol, target, peers)
             closest = await lookup.run(find_value=True)
             answered = lookup.answered
             found = {nid: self._admit_answer(key, v) for nid, v in lookup.values.items()}
+            skipped.update(lookup.skipped)
+        missed = self._would_rank(target, closest, skipped.values())
+        if missed and not any(found.values()):
+            # Nodes that timed out lately may hold it: the far side of a partition that
+            # healed since, say. Ask once more with them re-admitted.
+            log.debug("get %s: again, with %d known-dead contact(s)", aor, len(missed))
+            self._counters.get_retries += 1
+            retry = self._lookup(protocol, target, peers + missed, revive=True)
+            closest = await retry.run(find_value=True)
+            answered += retry.answered
+            found.update({nid: self._admit_answer(key, v) for nid, v in retry.values.items()})
         if not answered and not local and not (not peers and self._alone()):
             # (A node that never knew a peer is the whole overlay: "none" is the answer.)
             raise DhtUnavailable(f"no DHT node answered for {aor!r}")
@@ -426,6 +446,15 @@ class DhtNode:
         if merged:
             self._spawn(self._repair(key, merged, closest, found, local, target))
         return merged
+
+    def _would_rank(self, target: Node, closest: list[Node], nodes: Iterable[Node]) -> list[Node]:
+        """Those of ``nodes`` that would be among the k closest to ``target`` had they
+        answered, with ``closest`` the nodes that did."""
+        answered = {n.id for n in closest}
+        if len(closest) < self._ksize:
+            return [n for n in nodes if n.id not in answered]
+        farthest = max(n.distance_to(target) for n in closest)
+        return [n for n in nodes if n.id not in answered and n.distance_to(target) < farthest]
 
     def _verified(self, key: bytes, bindings: Bindings) -> Bindings:
         own = tuple(b for b in bindings if dht_key(b.aor) == key)

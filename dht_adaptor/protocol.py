@@ -11,6 +11,9 @@ checks every name used here. What it changes:
 * **Dead nodes cost little.** The RPC timeout is configurable (kademlia waits 5 s), a
   timed-out address is skipped by our own lookups for ``dead_ttl`` seconds (any datagram
   from it clears that at once), and it leaves the routing table (kademlia already does).
+  The dead contacts are remembered, so that a lookup that found no value while it
+  skipped some can ask them once more (:meth:`NodeProtocol.dead_near`): after a
+  partition heals, the far side's records are found at the first retry.
 * **A closed overlay.** Every datagram sent is sealed with the site key and every one
   received is opened (:mod:`dht_adaptor.membership`) before anything else: a datagram
   without valid proof of a trusted site is counted, logged once per interval and
@@ -74,6 +77,7 @@ _MAX_NODES_IN_ANSWER = 64  # a find_node answer holds k nodes; more is a peer mi
 _UNPACK_ERRORS = (umsgpack.UnpackException, ValueError, OverflowError, RecursionError, struct.error)
 _RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value"})
 
+_MAX_DEAD = 4096  # dead marks kept (oldest dropped first); a lookup meets at most k per answer
 _OTHER_NODE = object()  # the answer to a call came from another node id than the one asked
 
 _MIN_PATIENCE = 0.05  # seconds; see NodeProtocol.patience
@@ -115,6 +119,7 @@ class DhtStats:
     repairs: int = 0  # records sent by read repair, replication and republishing
     refused: dict[Refusal, int] = field(default_factory=lambda: dict.fromkeys(Refusal, 0))
     other_node_answers: int = 0  # answers from a node id we did not ask (a restart, say)
+    get_retries: int = 0  # lookups repeated with known-dead contacts re-admitted
     put_latency: Latency = field(default_factory=Latency)
     get_latency: Latency = field(default_factory=Latency)
 
@@ -133,6 +138,7 @@ class DhtStats:
             "refused_datagrams": sum(self.refused.values()),
             **{f"refused_{reason.value}": n for reason, n in self.refused.items()},
             "other_node_answers": self.other_node_answers,
+            "get_retries": self.get_retries,
             "put_latency_last": self.put_latency.last,
             "put_latency_total": self.put_latency.total,
             "put_latency_max": self.put_latency.max,
@@ -229,7 +235,8 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         self._stats = stats
         self._spawn = spawn
         self._dead_ttl = dead_ttl
-        self._dead: dict[Address, float] = {}  # address -> loop time it timed out
+        # address -> (loop time it timed out, the contact): see is_dead and dead_near
+        self._dead: dict[Address, tuple[float, Node]] = {}
         self._expect: dict[bytes, tuple[str, bytes | None]] = {}  # msg id -> (rpc, node id)
         self._refusals = RefusalLog()
         self._closed = False
@@ -473,13 +480,35 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         return [n for n in self.router.find_neighbors(target) if not self.is_dead((n.ip, n.port))]
 
     def is_dead(self, address: Address) -> bool:
-        since = self._dead.get(address)
-        if since is None:
+        """Did ``address`` time out less than ``dead_ttl`` ago (with nothing heard since)?"""
+        entry = self._dead.get(address)
+        if entry is None:
             return False
-        if self._now() - since < self._dead_ttl:
+        if self._now() - entry[0] < self._dead_ttl:
             return True
         del self._dead[address]
         return False
+
+    def dead_near(self, target: Node) -> list[Node]:
+        """The k known-dead contacts closest to ``target``, nearest first.
+
+        They may be back (a partition healed, say): a lookup that missed records retries
+        with them re-admitted (``DhtNode.get``), so they are remembered, not just marked.
+        """
+        horizon = self._now() - self._dead_ttl
+        dead = [node for since, node in self._dead.values() if since > horizon]
+        return sorted(dead, key=lambda n: n.distance_to(target))[: self.router.ksize]
+
+    def forget_dead(self, address: Address) -> None:
+        """Let calls to ``address`` go out again (it times out again if still dead)."""
+        self._dead.pop(address, None)
+
+    def _mark_dead(self, node: Node) -> None:
+        address = (node.ip, node.port)
+        self._dead.pop(address, None)  # re-inserted: the dict stays oldest first
+        if len(self._dead) >= _MAX_DEAD:
+            self._dead.pop(next(iter(self._dead)))
+        self._dead[address] = (self._now(), node)
 
     async def _call(self, node: Node, rpc: str, *args: Any) -> tuple[bool, Any]:
         address = (node.ip, node.port)
@@ -496,7 +525,7 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         elif result[1] is _OTHER_NODE:
             result = (False, None)  # someone else lives there now: no dead mark
         elif not self._closed:
-            self._dead[address] = self._now()
+            self._mark_dead(node)
         return self.handle_call_response(result, node)
 
     def patience(self) -> float:
@@ -554,7 +583,8 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
             self.router.remove_contact(node)
 
     def parse_nodes(self, payload: object) -> list[Node]:
-        """The valid, not-ourselves, not-known-dead nodes of a find_node answer."""
+        """The valid, not-ourselves nodes of a find_node answer (known-dead ones too: the
+        lookup decides about those)."""
         if not isinstance(payload, list):
             return []
         nodes = []
@@ -572,8 +602,7 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
                 continue
             if version != (6 if self._family == socket.AF_INET6 else 4):
                 continue
-            if not self.is_dead((ip, port)):
-                nodes.append(Node(node_id, ip, port))
+            nodes.append(Node(node_id, ip, port))
         return nodes
 
     # -- membership --------------------------------------------------------------------
@@ -619,7 +648,7 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         refused datagrams not logged yet."""
         now = self._now()
         horizon = now - self._dead_ttl
-        self._dead = {a: since for a, since in self._dead.items() if since >= horizon}
+        self._dead = {a: entry for a, entry in self._dead.items() if entry[0] >= horizon}
         self._welcomed = {n: since for n, since in self._welcomed.items() if since >= horizon}
         line = self._refusals.flush(now)
         if line is not None:
