@@ -15,8 +15,9 @@ import pytest
 import dht_adaptor.keys as keys_module
 from dht_adaptor.keys import Scope, SiteKey, TrustChange, TrustStore, endorse, sign_binding
 from dht_adaptor.record import DhtBinding, dht_key, encode_record, new_binding
-from dht_adaptor.record_store import MemoryRecordStore
+from dht_adaptor.record_store import MemoryRecordStore, RecordStore, RedisRecordStore
 from dht_adaptor.trust_folder import public_pem
+from tests.support.redis_server import RedisServer
 
 A = "sip:alice@a.example.com"
 B = "sip:bob@b.example.com"
@@ -241,26 +242,34 @@ def test_a_cache_hit_needs_the_key_it_was_verified_with(keys: tuple[SiteKey, ...
 # -- records held by a node ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_stored_records_of_a_removed_key_are_not_served(
-    tmp_path: Path, keys: tuple[SiteKey, ...]
+    tmp_path: Path, keys: tuple[SiteKey, ...], kind: str, request: pytest.FixtureRequest
 ) -> None:
     paris, oslo, _ = keys
     folder = tmp_path / "trust"
     put_key(folder, "oslo", oslo)
     trust = TrustStore.from_dir(folder, paris)
-    store = MemoryRecordStore(trust)
+    store: RecordStore
+    if kind == "memory":
+        store = MemoryRecordStore(trust)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = RedisRecordStore(server.url, trust, prefix=f"trust:{tmp_path.name}:")
     now = time.time()
     mine, theirs = binding(paris), binding(oslo, A, "sip:alice@192.0.2.7")
-    assert (await store.merge_in(dht_key(A), encode_record([mine, theirs]), now)).ok
-    assert set(await store.get(dht_key(A), now)) == {mine, theirs}
-    (folder / "oslo.pub").unlink()
-    trust.reload()
-    assert await store.get(dht_key(A), now) == (mine,)
-    assert [b async for _, bs in store.items(now) for b in bs] == [mine]  # not republished
-    assert len(store._held[dht_key(A)]) == 2  # the bytes stay until they expire
-    put_key(folder, "oslo", oslo)
-    trust.reload()
-    assert set(await store.get(dht_key(A), now)) == {mine, theirs}
+    try:
+        assert (await store.merge_in(dht_key(A), encode_record([mine, theirs]), now)).ok
+        assert set(await store.get(dht_key(A), now)) == {mine, theirs}
+        (folder / "oslo.pub").unlink()
+        trust.reload()
+        assert await store.get(dht_key(A), now) == (mine,)
+        assert [b async for _, bs in store.items(now) for b in bs] == [mine]  # not republished
+        put_key(folder, "oslo", oslo)  # the bytes stayed (until they expire): back at once
+        trust.reload()
+        assert set(await store.get(dht_key(A), now)) == {mine, theirs}
+    finally:
+        await store.close()
 
 
 # -- the watcher -----------------------------------------------------------------------
