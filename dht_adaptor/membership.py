@@ -94,7 +94,17 @@ class Refusal(enum.Enum):
 
     @property
     def text(self) -> str:
-        return self.value.replace("_", " ")
+        """How the log line says it (a key id follows where there is one)."""
+        return _TEXTS[self]
+
+
+_TEXTS = {
+    Refusal.NO_PROOF: "no membership proof",
+    Refusal.STALE: f"timestamp over {WINDOW:.0f} s off (clock?), key",
+    Refusal.UNTRUSTED_KEY: "untrusted key",
+    Refusal.BAD_SIGNATURE: "bad signature, key",
+    Refusal.WRONG_NODE_ID: "node id not bound to its proof, key",
+}
 
 
 class NotAMember(Exception):

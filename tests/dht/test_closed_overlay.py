@@ -288,5 +288,7 @@ async def test_refusals_are_counted_and_logged_once(
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
     lines = [r.getMessage() for r in caplog.records if r.name == "dht_adaptor.protocol"]
-    assert len(lines) == 1 and lines[0].startswith("refused 1 DHT datagram(s) (last: no proof")
+    assert len(lines) == 1 and lines[0].startswith(
+        "refused 1 DHT datagram(s) (last: no membership proof from 127.0.0.1:"
+    )
     assert target.stats()["refused_datagrams"] == 200
