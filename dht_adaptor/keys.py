@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -252,6 +252,7 @@ class TrustStore:
         self._seen: Fingerprint = ()
         self._error: str | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[TrustChange], object]] = []
         self._install(table)
 
     @classmethod
@@ -372,6 +373,11 @@ class TrustStore:
             table[own.key_id] = TrustedKey(own.key_id, own.public_bytes, own=True)
         return self._install(table)
 
+    def on_change(self, listener: Callable[[TrustChange], object]) -> None:
+        """Call ``listener(change)`` after every change of the table (e.g. to drop what a
+        cache holds of keys that were removed). A listener that fails is logged."""
+        self._listeners.append(listener)
+
     def _install(self, table: Mapping[str, TrustedKey]) -> TrustChange:
         old = self._table
         new: dict[str, _Entry] = {}
@@ -384,13 +390,19 @@ class TrustStore:
             )
             new[kid] = _Entry(key, public)
         self._table = new
-        return TrustChange(
+        change = TrustChange(
             added=tuple(sorted(new.keys() - old.keys())),
             removed=tuple(sorted(old.keys() - new.keys())),
             rescoped=tuple(
                 sorted(k for k in new.keys() & old.keys() if new[k].key.scope != old[k].key.scope)
             ),
         )
+        for listener in self._listeners if change else ():
+            try:
+                listener(change)
+            except Exception:  # the new trust holds whatever a listener does
+                log.exception("a listener of trust changes failed")
+        return change
 
     def load(self, why: str | None = None) -> TrustChange:
         """Read the trust folder again and trust what it says, logging what changed if

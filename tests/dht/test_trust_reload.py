@@ -180,6 +180,26 @@ def test_replace_swaps_the_table_and_keeps_the_own_key(keys: tuple[SiteKey, ...]
     assert list(trust) == [paris.key_id] and rome.key_id not in trust
 
 
+def test_listeners_hear_every_change(
+    tmp_path: Path, keys: tuple[SiteKey, ...], caplog: pytest.LogCaptureFixture
+) -> None:
+    paris, oslo, _ = keys
+    folder = tmp_path / "trust"
+    folder.mkdir()
+    trust = TrustStore.from_dir(folder, paris)
+    heard: list[TrustChange] = []
+    trust.on_change(heard.append)
+    trust.on_change(lambda change: 1 / 0)  # a failing listener changes nothing
+    put_key(folder, "oslo", oslo)
+    with caplog.at_level(logging.ERROR):
+        trust.reload()
+    trust.reload()  # no change: nobody is called
+    (folder / "oslo.pub").unlink()
+    trust.reload()
+    assert heard == [TrustChange(added=(oslo.key_id,)), TrustChange(removed=(oslo.key_id,))]
+    assert "listener of trust changes failed" in caplog.text
+
+
 # -- rotation --------------------------------------------------------------------------
 
 
