@@ -100,7 +100,7 @@ async def live_site(
         # A second node that trusts this site (and maybe others): the site's one peer.
         key = SiteKey.load_or_create(tmp_path / "data")
         trust = TrustStore({k.key_id: k.public_bytes for k in (key, *peer_trusts)})
-        peer = DhtNode(MemoryRecordStore(trust), trust, rpc_timeout=1.0)
+        peer = DhtNode(MemoryRecordStore(trust), trust, key=key, rpc_timeout=1.0)
         bootstrap = (HostPort(HOST, await peer.listen(HOST, 0)),)
     elif require_peers:
         bootstrap = (HostPort(HOST, 9),)  # discard: never asked, the site stays alone
