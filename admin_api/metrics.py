@@ -144,10 +144,8 @@ def _edge(counters: Mapping[str, float]) -> list[Metric]:
     out += [
         _gauge(metric, doc, counters.get(name, 0)) for name, (metric, doc) in EDGE_GAUGES.items()
     ]
-    out.append(
-        _gauge("queue_delay_seconds", "UDP receive queue delay (moving average)",
-               counters.get("queue_delay_ms", 0) / 1000)  # fmt: skip
-    )
+    delay = counters.get("queue_delay_ms", 0) / 1000
+    out.append(_gauge("queue_delay_seconds", "UDP receive queue delay (moving average)", delay))
     blocked = sum(1 for name in counters if name.startswith("flood_blocked."))
     out.append(_gauge("flood_blocked_sources", "sources blocked now (up to 20 listed)", blocked))
     return out

@@ -10,6 +10,7 @@ may have moved, so the next call looks again (see ``proxy.router``'s stale retry
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .location import HomeBinding
@@ -59,6 +60,19 @@ class LookupCache:
 
     def drop(self, aor: str) -> None:
         self._entries.pop(aor, None)
+
+    def retain(self, keep: Callable[[str, HomeBinding], bool]) -> int:
+        """Keep only the bindings ``keep(aor, binding)`` approves (e.g. after the trust
+        folder changed); returns how many went."""
+        dropped = 0
+        for aor, entry in list(self._entries.items()):
+            kept = tuple(b for b in entry.bindings if keep(aor, b))
+            dropped += len(entry.bindings) - len(kept)
+            if kept:
+                entry.bindings = kept
+            else:
+                del self._entries[aor]
+        return dropped
 
     def __len__(self) -> int:
         return len(self._entries)

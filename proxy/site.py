@@ -55,13 +55,13 @@ from .relay_auth import RelayVerifier
 from .resolver import Resolver
 from .router import Router
 from .server import SipServer
-from .site_probe import SiteProber
-from .sites import SiteDirectory
 from .sip.forwarding import ProxyIdentity
 from .sip.message import ParseLimits
 from .sip.registrar import RegistrarConfig
 from .sip.timers import TimerConfig
 from .sip.tokens import ProxyTokens
+from .site_probe import SiteProber
+from .sites import SiteDirectory
 from .stats import SipCounters
 from .tasks import Tasks
 from .transactions import TransactionLayer
@@ -377,6 +377,12 @@ async def build_site(
         )  # fmt: skip
         sites = SiteDirectory(home_uri(me))
         dht = DhtRouter(adaptor, counters, cache_ttl=config.dht_cache_ttl, sites=sites)
+        trust = node.trust
+        # A key removed from (or rescoped in) the trust folder stops routing calls at
+        # once, not when the cached lookups run out.
+        trust.on_change(
+            lambda _change: dht.cache.retain(lambda aor, b: trust.allows(b.key_id, aor))
+        )
         resolver = make_resolver(transport.has_connection)
         router = Router(
             identity=me, transactions=transactions, directory=directory, auth=auth,

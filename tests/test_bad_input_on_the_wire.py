@@ -21,6 +21,7 @@ from proxy.site import Site, build_site
 HOST = "127.0.0.1"
 WAIT = 2.0
 
+
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
     config = Config(

@@ -192,3 +192,13 @@ async def test_lookup_errors_propagate_and_are_not_cached() -> None:
     found = await router.route(BOB, RURI)
     assert not found.from_cache
     assert counters.dht_lookups == 2
+
+
+async def test_a_trust_change_drops_what_the_cache_holds_of_a_removed_key() -> None:
+    router, locator, counters, _ = dht_router()
+    locator.bindings[BOB] = [HomeRecord(SITE_B, key_id="b" * 16), HomeRecord(SITE_C)]
+    await router.route(BOB, RURI)
+    # What build_site wires to TrustStore.on_change: keep what the trust still allows.
+    assert router.cache.retain(lambda aor, b: b.key_id != "b" * 16) == 1
+    found = await router.route(BOB, RURI)
+    assert found.from_cache and [str(h) for h in found.homes] == [SITE_C]

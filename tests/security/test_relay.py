@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from proxy.site import Site
 from proxy.sip.message import Request, parse_message
+from proxy.site import Site
 
 from .conftest import DOMAIN, sip, start_site
 from .ua import Endpoint
@@ -66,7 +66,9 @@ ATTACKS: list[tuple[str, dict[str, Any]]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("method", "how"), ATTACKS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(ATTACKS)])
+@pytest.mark.parametrize(
+    ("method", "how"), ATTACKS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(ATTACKS)]
+)
 async def test_relay_attempts_are_challenged_and_reach_nothing(
     site: Site, endpoints: Callable[..., Any], method: str, how: dict[str, Any]
 ) -> None:

@@ -26,8 +26,9 @@ def register_raw(host: str, port: int) -> bytes | None:
         s.sendto(
             (
                 f"REGISTER sip:{DOMAIN} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{uuid.uuid4().hex[:12]};rport\r\n"
-                f"Max-Forwards: 70\r\nFrom: <sip:late@{DOMAIN}>;tag=1\r\nTo: <sip:late@{DOMAIN}>\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{uuid.uuid4().hex[:9]};rport\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:late@{DOMAIN}>;tag=1\r\n"
+                f"To: <sip:late@{DOMAIN}>\r\n"
                 f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 REGISTER\r\n"
                 f"Contact: <sip:late@127.0.0.1:{me}>\r\nContent-Length: 0\r\n\r\n"
             ).encode(),
