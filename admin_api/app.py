@@ -78,6 +78,7 @@ def create_app(services: AdminServices, *, max_body: int = MAX_BODY) -> FastAPI:
         routes_registrations.router(services),
         routes_users.router(services),
         routes_dht.router(services),
+        routes_dht.sites_router(services),
         routes_trust.router(services),
         routes_stats.router(services, metrics),
     ):

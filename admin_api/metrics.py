@@ -6,14 +6,14 @@ each scrape; the DHT latency histograms are fed as puts and gets finish.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from .services import AdminServices, SiteStats
+from .services import AdminServices, MemberSite, SiteStats
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 # Methods get a label value of their own; anything else a peer sends is "other", so that a
@@ -110,6 +110,7 @@ def families(s: SiteStats) -> list[Metric]:
         _counter("dht_rpc_timeouts", "DHT RPCs that timed out", s.dht_rpc_timeouts),
     ]
     out += _edge(s.counters)
+    out += _sites(s.sites)
     if s.registered_aors is not None and s.registered_bindings is not None:
         out.append(_gauge("registered_aors", "AORs with live bindings", s.registered_aors))
         out.append(_gauge("registered_bindings", "live bindings", s.registered_bindings))
@@ -149,6 +150,21 @@ def _edge(counters: Mapping[str, float]) -> list[Metric]:
     blocked = sum(1 for name in counters if name.startswith("flood_blocked."))
     out.append(_gauge("flood_blocked_sources", "sources blocked now (up to 20 listed)", blocked))
     return out
+
+
+def _sites(sites: Sequence[MemberSite]) -> list[Metric]:
+    up = GaugeMetricFamily(
+        "p2psip_site_reachable", "1 if the member site answers, 0 if not", labels=["site"]
+    )
+    rtt = GaugeMetricFamily(
+        "p2psip_site_rtt_seconds", "round-trip time of the site's last answer", labels=["site"]
+    )
+    for m in sites:
+        if m.reachable is not None:
+            up.add_metric([m.site_id], 1.0 if m.reachable else 0.0)
+        if m.rtt is not None:
+            rtt.add_metric([m.site_id], m.rtt)
+    return [up, rtt]
 
 
 class _SnapshotCollector(Collector):

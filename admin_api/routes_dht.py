@@ -6,11 +6,40 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from .schemas import AOR_PATTERN, DhtInfoOut, ErrorOut, LookupOut, PeerOut, Responses
+from .schemas import (
+    AOR_PATTERN,
+    DhtInfoOut,
+    ErrorOut,
+    LookupOut,
+    PeerOut,
+    Responses,
+    SiteOut,
+    SitesOut,
+)
 from .services import AdminServices
 from .views import dht_binding_out
 
 _503: Responses = {503: {"model": ErrorOut, "description": "the DHT did not answer"}}
+
+
+def sites_router(services: AdminServices) -> APIRouter:
+    r = APIRouter(tags=["sites"])
+
+    @r.get("/sites", summary="Member sites: whether they answer, when, how fast")
+    async def sites() -> SitesOut:
+        return SitesOut(
+            sites=[
+                SiteOut(
+                    site_id=m.site_id, home=m.home, key_id=m.key_id, reachable=m.reachable,
+                    last_heard=m.last_heard,
+                    rtt_ms=None if m.rtt is None else round(m.rtt * 1000, 3),
+                    bindings_seen=m.bindings_seen,
+                )
+                for m in services.sites()
+            ]
+        )  # fmt: skip
+
+    return r
 
 
 def router(services: AdminServices) -> APIRouter:

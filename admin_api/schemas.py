@@ -240,6 +240,20 @@ class DhtInfoOut(Model):
     stored_records: int = Field(description="DHT records (AORs) this node stores")
 
 
+class SiteOut(Model):
+    site_id: str = Field(description="the site's name, as its bindings say")
+    home: str = Field(description="its home proxy, where calls to its users go")
+    key_id: str = Field(description="the key its bindings are signed with")
+    reachable: bool | None = Field(description="answers now (null: not asked yet)")
+    last_heard: float | None = Field(description="Unix time of its last answer")
+    rtt_ms: float | None = Field(description="round-trip time of its last answer")
+    bindings_seen: int = Field(description="its live bindings seen in lookups here")
+
+
+class SitesOut(Model):
+    sites: list[SiteOut]
+
+
 class LookupOut(Model):
     aor: str
     latency_ms: float

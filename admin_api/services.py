@@ -157,6 +157,19 @@ class DhtInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberSite:
+    """A member site as this site sees it."""
+
+    site_id: str
+    home: str  # its home proxy's SIP URI
+    key_id: str  # the key its bindings are signed with
+    reachable: bool | None  # None: not asked yet
+    last_heard: float | None  # wall clock of its last answer
+    rtt: float | None  # seconds, of its last answer to a probe
+    bindings_seen: int  # its live bindings this site has seen in lookups
+
+
+@dataclass(frozen=True, slots=True)
 class Lookup:
     aor: str
     seconds: float
@@ -197,6 +210,7 @@ class SiteStats:
     dht_bindings_rejected_on_get: int  # failed verification in lookup answers
     dht_rpc_timeouts: int
     counters: Mapping[str, float] = field(default_factory=dict)  # the raw snapshot
+    sites: Sequence[MemberSite] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +310,10 @@ class AdminServices(Protocol):
     async def dht_info(self) -> DhtInfo: ...
 
     async def dht_lookup(self, aor: str) -> Lookup: ...
+
+    def sites(self) -> Sequence[MemberSite]:
+        """The member sites this site has heard of, with whether they answer."""
+        ...
 
     async def stats(self) -> SiteStats: ...
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from admin_api.services import (
@@ -25,6 +25,7 @@ from admin_api.services import (
     KeyToTrust,
     LatencyObserver,
     Lookup,
+    MemberSite,
     NotFound,
     Peer,
     Registration,
@@ -61,6 +62,7 @@ from dht_adaptor.trust_folder import (
 from .location import LocationError, LocationStore, LocationUnavailable
 from .lookup import LookupError_, normalize_aor
 from .registrar_service import RegistrarService
+from .sites import SiteDirectory
 from .sip.auth import UserRecord
 from .user_store import UserStore, UserStoreError
 
@@ -81,6 +83,7 @@ class SiteServices:
     clock: Callable[[], float] = time.time
     require_peers: bool = True  # False for a site that starts the overlay (no --bootstrap)
     auth_enabled: Callable[[], bool] = lambda: False  # digest authentication is on
+    member_sites: SiteDirectory = field(default_factory=lambda: SiteDirectory(""))
 
     @property
     def realm(self) -> str:
@@ -393,7 +396,18 @@ class SiteServices:
             dht_bindings_rejected_on_get=n("dht_node_rejected_on_get"),
             dht_rpc_timeouts=n("dht_node_rpc_timeouts"),
             counters=snap,
+            sites=self.sites(),
         )
+
+    def sites(self) -> Sequence[MemberSite]:
+        now = self.clock()
+        return [
+            MemberSite(
+                site_id=s.site, home=s.home, key_id=s.key_id, reachable=s.reachable,
+                last_heard=s.last_heard, rtt=s.rtt, bindings_seen=s.bindings_seen(now),
+            )
+            for s in self.member_sites.snapshot()
+        ]  # fmt: skip
 
     async def _count_registrations(self) -> tuple[int | None, int | None]:
         """AORs with live bindings and their bindings; None if the store cannot say."""

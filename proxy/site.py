@@ -406,7 +406,7 @@ async def build_site(
             snapshot=lambda: site.stats(),
             transactions=lambda: (len(transactions.server_txs), len(transactions.client_txs)),
             token=admin_token(config), clock=clock, require_peers=bool(config.bootstrap),
-            auth_enabled=lambda: auth.enabled,
+            auth_enabled=lambda: auth.enabled, member_sites=sites,
         )  # fmt: skip
         prober = SiteProber(
             sites, transactions, resolver, me,
