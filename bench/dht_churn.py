@@ -88,6 +88,7 @@ class Overlay:
                 node = DhtNode(
                     MemoryRecordStore(self.trust),
                     self.trust,
+                    key=self.key,
                     rpc_timeout=timeout,
                     hedge=self.config.endswith("+hedge"),
                 )
