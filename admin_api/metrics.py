@@ -147,6 +147,12 @@ def _edge(counters: Mapping[str, float]) -> list[Metric]:
     ]
     delay = counters.get("queue_delay_ms", 0) / 1000
     out.append(_gauge("queue_delay_seconds", "UDP receive queue delay (moving average)", delay))
+    refused = {
+        reason: counters.get(f"dht_node_refused_{reason}", 0)
+        for reason in ("no_proof", "stale", "untrusted_key", "bad_signature", "wrong_node_id")
+    }
+    doc = "DHT datagrams refused: not from a member site"
+    out.append(_counter("dht_datagrams_refused", doc, refused, "reason"))
     blocked = sum(1 for name in counters if name.startswith("flood_blocked."))
     out.append(_gauge("flood_blocked_sources", "sources blocked now (up to 20 listed)", blocked))
     return out

@@ -100,3 +100,4 @@ async def test_the_edge_defences_are_exported(site: LiveSite) -> None:
     assert got[("p2psip_overloaded", ())] == 1
     assert ("p2psip_flood_dropped_total", ()) in got
     assert ("p2psip_queue_delay_seconds", ()) in got
+    assert got[("p2psip_dht_datagrams_refused_total", (("reason", "untrusted_key"),))] == 0
