@@ -53,6 +53,10 @@ class Verifier(Protocol):
 
     def verify_signature(self, kid: str, data: bytes, signature: bytes) -> bool: ...
 
+    def allows(self, kid: str, aor: str) -> bool:
+        """May ``kid`` speak for ``aor`` (its scope in the trust folder)?"""
+        ...
+
 
 def _signed_bytes(req: Request, ts: str, nonce: str) -> bytes:
     fields = (
@@ -83,6 +87,11 @@ class RelayVerifier:
         self._trust = trust
         self._window = window
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def may_assert(self, kid: str, aor: str) -> bool:
+        """May the site of ``kid`` assert ``aor`` as a caller's identity? The same scope
+        as for publishing bindings (a site speaks for its own users only)."""
+        return self._trust.allows(kid, aor)
 
     def verify(self, req: Request, now: float) -> str | None:
         """The key id of the member site that sent ``req``, or None (no proof, a bad one,

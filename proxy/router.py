@@ -219,6 +219,14 @@ class Router:
         if marked and kid is None:
             self._counters.relay_forged += 1
             raise Forbidden("a relay marker without a member site's proof")
+        if kid is not None and self._relays is not None:
+            asserted = req.headers.get("P-Asserted-Identity")
+            uri = _asserted_uri(asserted) if asserted else None
+            if asserted and (uri is None or not self._relays.may_assert(kid, aor_of(uri))):
+                # Outside the sending site's scope: the caller is not vouched for.
+                log.info("%s %s: site key %s may not assert %s; removed", req.method,
+                         req.call_id, kid, asserted)  # fmt: skip
+                req.headers.remove("P-Asserted-Identity")
         return marked
 
     def _local_user(self, stx: ServerTx, *, relay: bool) -> str | bool:
@@ -437,6 +445,14 @@ class Router:
         host = nxt.received or nxt.host
         port = int(nxt.rport) if nxt.rport else (nxt.port or 5060)
         self._send(Flow(nxt.transport.lower(), host, port), fwd.to_bytes())
+
+
+def _asserted_uri(value: str) -> SipUri | None:
+    try:
+        uri = parse_name_addr(value.split(",")[0]).uri
+    except SipError:
+        return None
+    return uri if isinstance(uri, SipUri) else None
 
 
 __all__ = ["ALLOW", "Router"]

@@ -96,7 +96,12 @@ class Proxy:
         return stx
 
 
-def proxy(*, dht: bool = False, users: tuple[tuple[str, str], ...] = ()) -> Proxy:
+def proxy(
+    *,
+    dht: bool = False,
+    users: tuple[tuple[str, str], ...] = (),
+    trust: TrustStore = TRUST,
+) -> Proxy:
     clock = ManualClock()
     transactions = FakeTransactions()
     store = MemoryStore()
@@ -121,7 +126,7 @@ def proxy(*, dht: bool = False, users: tuple[tuple[str, str], ...] = ()) -> Prox
         forker=Forker(transactions, ME, TOKENS, timer_c=180.0), counters=counters,
         send=lambda flow, data: sent.append((flow, data)), spawn=spawner, tokens=TOKENS,
         dht=DhtRouter(locator, counters) if dht else None,
-        relay_key=OUR_KEY, relays=RelayVerifier(TRUST), clock=clock,
+        relay_key=OUR_KEY, relays=RelayVerifier(trust), clock=clock,
     )  # fmt: skip
     return Proxy(
         router, transactions, store, directory, locator, resolver, sent, spawner, counters,
@@ -655,3 +660,23 @@ async def test_a_call_from_another_domain_is_not_challenged_nor_asserted() -> No
     [branch] = p.transactions.branches()
     assert branch.request.uri == BOB_DESK
     assert "P-Asserted-Identity" not in branch.request.headers
+
+
+@pytest.mark.parametrize(("scope", "kept"), [(None, True), ("example.com", True),
+                                            ("other.example", False)])  # fmt: skip
+async def test_a_member_site_asserts_only_callers_within_its_scope(
+    scope: str | None, kept: bool
+) -> None:
+    from dht_adaptor.trust_folder import Scope
+
+    scoped = TrustStore(
+        {k.key_id: k.public_bytes for k in (OUR_KEY, MEMBER)},
+        scopes={MEMBER.key_id: Scope.parse([scope])} if scope else None,
+    )
+    p = proxy(dht=True, trust=scoped)
+    await p.bind(BOB_DESK)
+    req = invite("sip:bob@example.com;p2psip=home")
+    req.headers.add("P-Asserted-Identity", "<sip:alice@example.com>")
+    await p.route(relayed(req, p.clock))
+    [branch] = p.transactions.branches()
+    assert ("P-Asserted-Identity" in branch.request.headers) is kept

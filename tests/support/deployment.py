@@ -246,7 +246,7 @@ class Deployment:
         while time.monotonic() < deadline:
             if not svc.alive():
                 raise RuntimeError(f"{site.name} dht exited:\n{svc.log()}")
-            if site.probe(lambda: asyncio.run(ping_node(node, 0.3))):
+            if site.probe(lambda: asyncio.run(ping_node(node, 0.3, site.data_dir, self.trust_dir))):
                 return
         raise RuntimeError(f"{site.name} dht did not answer in {timeout}s:\n{svc.log()}")
 
