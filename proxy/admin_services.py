@@ -62,8 +62,8 @@ from dht_adaptor.trust_folder import (
 from .location import LocationError, LocationStore, LocationUnavailable
 from .lookup import LookupError_, normalize_aor
 from .registrar_service import RegistrarService
-from .sites import SiteDirectory
 from .sip.auth import UserRecord
+from .sites import SiteDirectory
 from .user_store import UserStore, UserStoreError
 
 MAX_AOR_CHARS = 512

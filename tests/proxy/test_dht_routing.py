@@ -195,7 +195,7 @@ async def test_lookup_errors_propagate_and_are_not_cached() -> None:
 
 
 async def test_a_trust_change_drops_what_the_cache_holds_of_a_removed_key() -> None:
-    router, locator, counters, _ = dht_router()
+    router, locator, _, _ = dht_router()
     locator.bindings[BOB] = [HomeRecord(SITE_B, key_id="b" * 16), HomeRecord(SITE_C)]
     await router.route(BOB, RURI)
     # What build_site wires to TrustStore.on_change: keep what the trust still allows.
