@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import MessageTooLarge, ParseError
 from .headers import parse_uint
-from .message import DEFAULT_LIMITS, ParseLimits
+from .limits import DEFAULT_LIMITS, ParseLimits
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_MESSAGE_BYTES = 64 * 1024

@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Protocol
 
 from .errors import (
-    HeaderLineTooLong,
     InputLimitExceeded,
     MessageTooLarge,
     ParseError,
-    RequestUriTooLong,
     SipError,
-    TooManyHeaders,
-    TooManyRoutes,
-    TooManyVias,
     VersionNotSupported,
 )
 from .grammar import TOKEN_CHARS, WS, first_element, is_token
@@ -39,10 +33,13 @@ from .headers import (
     parse_uint,
     parse_via,
 )
+from .limits import DEFAULT_LIMITS as DEFAULT_LIMITS  # re-exported: callers parse with them
+from .limits import MAX_MESSAGE_SIZE as MAX_MESSAGE_SIZE
+from .limits import ParseLimits as ParseLimits
+from .limits import check_limits
 from .uri import SipUri, Uri, parse_uri
 
 SIP_VERSION = "SIP/2.0"
-MAX_MESSAGE_SIZE = 65535  # the largest UDP payload; no limit may be set above it
 
 REASONS = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
@@ -71,66 +68,6 @@ _DATE_RE = re.compile(
 # Control characters other than HTAB, which no start line may carry (RFC 3261 §25.1).
 _START_LINE_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _METHOD_CHARS = TOKEN_CHARS
-
-
-class LimitSettings(Protocol):
-    """Where the limits come from: ``proxy.config.Config`` has fields of these names."""
-
-    @property
-    def max_message_bytes(self) -> int: ...
-    @property
-    def max_headers(self) -> int: ...
-    @property
-    def max_header_line(self) -> int: ...
-    @property
-    def max_via(self) -> int: ...
-    @property
-    def max_route(self) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ParseLimits:
-    """Bounds on the work one message can cause; past each, a clear answer (errors.py).
-
-    ``max_message_bytes``: the whole message (513 Message Too Large, RFC 3261 §21.5.14).
-    ``max_headers``: header fields, after unfolding (400 Too Many Headers).
-    ``max_header_line``: characters in one header field after unfolding, name included
-    (400 Header Line Too Long), and in the request line (414 Request-URI Too Long).
-    ``max_via``, ``max_route``: Via and Route *values*, comma-separated ones counted
-    one by one (400 Too Many Via Headers / Too Many Route Headers).
-
-    ``max_via`` defaults to 70, the Max-Forwards a UA starts with (§8.1.1.6): a request
-    that went through that many proxies carries as many Vias, and RFC 4475 §3.1.1.7
-    (longreq), which every element must accept, carries 34.
-    """
-
-    max_message_bytes: int = MAX_MESSAGE_SIZE
-    max_headers: int = 128
-    max_header_line: int = 8192
-    max_via: int = 70
-    max_route: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("max_message_bytes", "max_headers", "max_header_line", "max_via",
-                     "max_route"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.max_message_bytes > MAX_MESSAGE_SIZE:
-            raise ValueError(f"max_message_bytes must not be above {MAX_MESSAGE_SIZE}")
-
-    @classmethod
-    def from_values(cls, settings: LimitSettings) -> ParseLimits:
-        """The limits of the same names in ``settings`` (``ParseLimits.from_values(config)``)."""
-        return cls(
-            max_message_bytes=settings.max_message_bytes,
-            max_headers=settings.max_headers,
-            max_header_line=settings.max_header_line,
-            max_via=settings.max_via,
-            max_route=settings.max_route,
-        )
-
-
-DEFAULT_LIMITS = ParseLimits()
 
 
 class Message:
@@ -432,37 +369,6 @@ def _read_head(head: bytes) -> tuple[str, str, Headers]:
     return start_line, header_text, Headers(_split_header_block(header_text))
 
 
-def _values_over(headers: Headers, name: str, limit: int) -> bool:
-    """More than ``limit`` values of the list header ``name``, comma-separated ones counted."""
-    lines = headers.get_all(name)
-    # Lines plus commas bound the count from above; split (quotes, <>) only when needed.
-    if len(lines) + sum(v.count(",") for v in lines) <= limit:
-        return False
-    return len(headers.values(name)) > limit
-
-
-def _check_limits(
-    start_line: str, header_text: str, headers: Headers, is_request: bool, limits: ParseLimits
-) -> None:
-    # Each check first looks at a bound computed on the whole header text (C-speed), so
-    # that an ordinary message pays almost nothing for them.
-    if len(headers) > limits.max_headers:
-        raise TooManyHeaders(f"more than {limits.max_headers} header fields")
-    if len(header_text) > limits.max_header_line and (
-        max(len(n) + len(v) for n, v in headers) + 2 > limits.max_header_line  # name ": " value
-    ):
-        raise HeaderLineTooLong(f"a header field longer than {limits.max_header_line}")
-    if len(start_line) > limits.max_header_line:
-        if is_request:
-            raise RequestUriTooLong(f"request line longer than {limits.max_header_line}")
-        raise ParseError("status line too long")
-    values_bound = len(headers) + header_text.count(",")
-    if values_bound > limits.max_via and _values_over(headers, "Via", limits.max_via):
-        raise TooManyVias(f"more than {limits.max_via} Via values")
-    if values_bound > limits.max_route and _values_over(headers, "Route", limits.max_route):
-        raise TooManyRoutes(f"more than {limits.max_route} Route values")
-
-
 def parse_message(
     data: bytes, *, stream: bool = False, limits: ParseLimits = DEFAULT_LIMITS
 ) -> Request | Response:
@@ -496,7 +402,7 @@ def parse_message(
     try:
         if oversized:
             raise MessageTooLarge(f"message over {limits.max_message_bytes} bytes")
-        _check_limits(start_line, header_text, headers, partial.is_request, limits)
+        check_limits(start_line, header_text, headers, partial.is_request, limits)
         cl_values = headers.get_all("Content-Length")
         if len(cl_values) > 1:
             raise ParseError("more than one Content-Length")  # RFC 4475 §3.3.3
