@@ -71,6 +71,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--sip-listen", metavar="HOST:PORT", help="default 0.0.0.0:5060, UDP and TCP")
     run.add_argument("--advertise", metavar="HOST", help="address put in Via/Record-Route")
+    run.add_argument(
+        "--route",
+        dest="routes",
+        action="append",
+        metavar="DOMAIN=HOST:PORT[;transport=T]",
+        help="send requests for DOMAIN to this peer, before DNS (repeatable)",
+    )
+    run.add_argument(
+        "--outbound-proxy",
+        metavar="HOST:PORT[;transport=T]",
+        help="send requests for other domains without a --route here instead of using DNS",
+    )
+    run.add_argument(
+        "--trusted-peer",
+        dest="trusted_peers",
+        action="append",
+        metavar="ADDRESS[/PREFIX]",
+        help="a SIP server whose requests skip digest and may be relayed (repeatable)",
+    )
     _dht_options(run, listen_flag="--dht-listen")
     run.add_argument("--redis-url", metavar="URL", help="redis://HOST:PORT/DB for persistence")
     run.add_argument("--admin-listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .sip.errors import ParseError
+from .sip.uri import SipUri, parse_uri
+
 
 class ConfigError(ValueError):
     """Bad configuration; the message is one line, fit to print as is."""
@@ -59,6 +62,50 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class StaticRoute:
+    """Requests for ``domain`` go to ``next_hop`` (``--route DOMAIN=HOST:PORT;transport=``)."""
+
+    domain: str
+    next_hop: SipUri
+
+    def __str__(self) -> str:
+        return f"{self.domain}={self.next_hop}"
+
+
+def parse_next_hop(text: str, what: str) -> SipUri:
+    """``HOST[:PORT][;transport=udp|tcp|tls]``, or a ``sip:``/``sips:`` URI without user."""
+    text = text.strip()
+    uri_text = text if text.lower().startswith(("sip:", "sips:")) else f"sip:{text}"
+    try:
+        uri = parse_uri(uri_text)
+    except ParseError as exc:
+        raise ConfigError(f"{what}: {text!r} is not HOST:PORT[;transport=...] ({exc})") from None
+    if not isinstance(uri, SipUri) or uri.user is not None or uri.headers is not None:
+        raise ConfigError(f"{what}: {text!r} is not HOST:PORT[;transport=...]")
+    extra = [k for k, _ in uri.params if k.lower() not in ("transport", "lr")]
+    if extra:
+        raise ConfigError(f"{what}: unknown parameter {extra[0]!r} in {text!r}")
+    sips_not_tls = uri.scheme == "sips" and uri.transport != "tls"
+    if uri.transport not in ("udp", "tcp", "tls") or sips_not_tls:
+        raise ConfigError(f"{what}: transport must be udp, tcp or tls in {text!r}")
+    return uri
+
+
+def _route(v: Any, name: str) -> StaticRoute:
+    domain, eq, target = _str(v, name).partition("=")
+    if not eq:
+        raise ConfigError(f"{name}: expected DOMAIN=HOST:PORT[;transport=...], got {v!r}")
+    return StaticRoute(_domain(domain, name).rstrip("."), parse_next_hop(target, name))
+
+
+def _network(v: Any, name: str) -> str:
+    try:
+        return str(ipaddress.ip_network(_str(v, name).strip().strip("[]"), strict=False))
+    except ValueError:
+        raise ConfigError(f"{name}: expected ADDRESS[/PREFIX], got {v!r}") from None
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "p2psip"
@@ -73,6 +120,13 @@ class Config:
     dht_listen: HostPort = field(default_factory=lambda: HostPort("0.0.0.0", 6084))
     bootstrap: tuple[HostPort, ...] = ()
     trust_dir: Path | None = None  # folder of trusted *.pub site keys; None: trust only us
+    # Peering (proxy.resolver, proxy.peers): where other domains live, before DNS
+    # (RFC 3263, through dns_server or the system's resolver), and who may skip digest.
+    routes: tuple[StaticRoute, ...] = ()
+    outbound_proxy: SipUri | None = None
+    trusted_peers: tuple[str, ...] = ()  # networks, "192.0.2.7/32"
+    dns_server: HostPort | None = None
+    failover_timeout: float = 2.0  # a silent target is left for the next one (RFC 3263 §4.3)
     redis_url: str | None = None
     admin_listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8080))
     admin_token: str | None = None
@@ -193,6 +247,9 @@ _SCALARS: dict[str, Any] = {
     "advertise": _str,
     "dht_listen": lambda v, n: parse_hostport(_str(v, n), n, 6084),
     "trust_dir": lambda v, n: Path(_str(v, n)),
+    "outbound_proxy": lambda v, n: parse_next_hop(_str(v, n), n),
+    "dns_server": lambda v, n: parse_hostport(_str(v, n), n, 53),
+    "failover_timeout": _float,
     "redis_url": _redis_url,
     "admin_listen": lambda v, n: parse_hostport(_str(v, n), n, 8080),
     "admin_token": _str,
@@ -238,6 +295,8 @@ _LISTS: dict[str, Any] = {
     "domains": _domain,
     "digest_algorithms": lambda v, n: _digest_algorithm(v, n),
     "bootstrap": lambda v, n: parse_hostport(_str(v, n), n, 6084),
+    "routes": lambda v, n: _route(v, n),
+    "trusted_peers": lambda v, n: _network(v, n),
 }
 # Names accepted in the TOML file and as P2PSIP_<NAME>; "domain"/"users" alias the lists.
 _ALIASES = {
@@ -245,6 +304,8 @@ _ALIASES = {
     "users": "users_file",
     "trust": "trust_dir",
     "listen": "dht_listen",
+    "route": "routes",
+    "trusted_peer": "trusted_peers",
 }
 
 
@@ -300,7 +361,7 @@ def build_config(
         for name, value in load_file(config_file).items():
             name = _ALIASES.get(name, name)
             merged[name] = _convert(name, value, f"config file {config_file}:")
-    known = set(_SCALARS) | set(_LISTS) | {"domain", "users", "trust"}
+    known = set(_SCALARS) | set(_LISTS) | {"domain", "users", "trust", "route", "trusted_peer"}
     for key, value in env.items():
         if not key.startswith("P2PSIP_") or key == "P2PSIP_CONFIG":
             continue
