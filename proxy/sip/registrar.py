@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .binding import Binding
-from .errors import Forbidden, IntervalTooBrief, NotFound, ParseError, SipError
+from .errors import (
+    Forbidden,
+    IntervalTooBrief,
+    NotFound,
+    ParseError,
+    SipError,
+    TemporarilyUnavailable,
+)
 from .headers import NameAddr, parse_delta_seconds, parse_name_addr
 from .message import Request, Response, error_response, make_response
 from .uri import SipUri, aor_of
@@ -25,6 +32,27 @@ class RegistrarConfig:
     max_expires: int = 7200
     default_expires: int = 3600
     max_contacts: int = 10
+    # RFC 5626 §4.4.1 Flow-Timer: seconds within which a phone registered with outbound
+    # sends a keep-alive on its flow (UDP: STUN; streams: CRLF, before the idle timeout).
+    flow_timer_udp: int = 60
+    flow_timer_stream: int = 540
+
+
+class FlowFailed(TemporarilyUnavailable):
+    """RFC 5626 §5.3: the flow a binding registered with outbound must be reached over
+    is gone; the phone registers again over a new one. (A 480 to callers who may not
+    learn that the user exists, like every other "not reachable now".)"""
+
+    status_code = 430
+    reason = "Flow Failed"
+
+
+class FirstHopLacksOutbound(SipError):
+    """RFC 5626 §6: outbound asked for through a proxy that did not say it can keep the
+    flow (no ``ob`` in the first Path URI)."""
+
+    status_code = 439
+    reason = "First Hop Lacks Outbound Support"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +60,8 @@ class RegisterOutcome:
     response: Response
     aor: str | None = None
     bindings: tuple[Binding, ...] | None = None  # the AOR's new set; None: unchanged
+    # RFC 5626: the contact registered with outbound, reached only over ``source``.
+    outbound: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -126,16 +156,65 @@ def _reg_id(contact: NameAddr) -> int | None:
     return int(raw)
 
 
-def ok_response(req: Request, bindings: Sequence[Binding], now: float, to_tag: str) -> Response:
-    """200 OK listing every current binding with its remaining time (§10.3 step 8)."""
-    extra = [
-        (
-            "Contact",
-            f"<{b.contact}>;expires={b.remaining(now)}" + (f";q={b.q:g}" if b.q != 1.0 else ""),
-        )
-        for b in sorted(bindings, key=lambda b: -b.q)
-    ]
+def ok_response(
+    req: Request,
+    bindings: Sequence[Binding],
+    now: float,
+    to_tag: str,
+    *,
+    flow_timer: int | None = None,
+) -> Response:
+    """200 OK listing every current binding with its remaining time (§10.3 step 8), and
+    the instance and reg-id it was registered with (RFC 5626 §6). ``flow_timer``: the
+    REGISTER was processed with outbound, which the 200 says (``Require: outbound``)
+    with the Flow-Timer the phone keeps its flow alive by (RFC 5626 §4.4.1)."""
+    extra = [("Contact", _listed(b, now)) for b in sorted(bindings, key=lambda b: -b.q)]
+    if flow_timer is not None:
+        extra += [("Require", "outbound"), ("Flow-Timer", str(flow_timer))]
     return make_response(req, 200, to_tag=to_tag, extra=extra)
+
+
+def _listed(b: Binding, now: float) -> str:
+    text = f"<{b.contact}>;expires={b.remaining(now)}" + (f";q={b.q:g}" if b.q != 1.0 else "")
+    if b.instance is not None:
+        text += f";+sip.instance={b.instance}"
+        if b.reg_id is not None:
+            text += f";reg-id={b.reg_id}"
+    return text
+
+
+def flow_timer(config: RegistrarConfig, source: str) -> int:
+    """The Flow-Timer for a flow ("udp:1.2.3.4:5060"): UDP, or a stream transport."""
+    udp = source.partition(":")[0].lower() == "udp"
+    return config.flow_timer_udp if udp else config.flow_timer_stream
+
+
+def _supports(req: Request, option: str) -> bool:
+    return any(tag.strip().lower() == option for tag in req.headers.values("Supported"))
+
+
+def _outbound_contact(req: Request, contacts: Sequence[NameAddr]) -> NameAddr | None:
+    """The contact to register with RFC 5626 outbound, or None (RFC 5626 §6).
+
+    Outbound is what the phone asks for with ``Supported: outbound`` and a contact with
+    ``+sip.instance`` and ``reg-id``; otherwise the reg-id only names the binding. One
+    REGISTER sets up one flow, so two such contacts are a 400. A REGISTER that passed
+    another proxy first (more than one Via, or a Path) is only outbound when that proxy
+    said it keeps the flow (``ob`` in the first Path URI); otherwise 439.
+    """
+    if not _supports(req, "outbound"):
+        return None
+    flows = [c for c in contacts if c.param("reg-id") is not None and c.param("+sip.instance")]
+    if not flows:
+        return None
+    if len(flows) > 1:
+        raise ParseError("more than one Contact with reg-id")
+    paths = req.headers.values("Path")
+    if len(req.vias) > 1 or paths:
+        first = parse_name_addr(paths[0]).uri if paths else None
+        if not (isinstance(first, SipUri) and first.param("ob") is not None):
+            raise FirstHopLacksOutbound()
+    return flows[0]
 
 
 def process_register(
@@ -155,16 +234,18 @@ def process_register(
     """
     try:
         aor = register_aor(req, config, addressed_to_me=addressed_to_me)
-        bindings = _apply(req, aor, list(current), now, config, source)
+        bindings, outbound = _apply(req, aor, list(current), now, config, source)
     except ParseError as exc:
         return RegisterOutcome(
             make_response(req, 400, str(exc)[:60] or "Bad Request", to_tag=to_tag)
         )
     except SipError as exc:
         return RegisterOutcome(error_response(req, exc, to_tag=to_tag))
+    timer = flow_timer(config, source) if outbound is not None else None
     if bindings is None:
         return RegisterOutcome(ok_response(req, current, now, to_tag), aor, None)
-    return RegisterOutcome(ok_response(req, bindings, now, to_tag), aor, tuple(bindings))
+    resp = ok_response(req, bindings, now, to_tag, flow_timer=timer)
+    return RegisterOutcome(resp, aor, tuple(bindings), outbound)
 
 
 def _apply(
@@ -174,12 +255,13 @@ def _apply(
     now: float,
     config: RegistrarConfig,
     source: str,
-) -> list[Binding] | None:
+) -> tuple[list[Binding] | None, str | None]:
+    """The AOR's new bindings (None: unchanged), and the contact bound with outbound."""
     header = req.headers.get("Expires")
     header_expires = None if header is None else _delta_seconds(header, "Expires header")
     contacts = req.contacts
     if not contacts:
-        return None  # a query: just list the bindings
+        return None, None  # a query: just list the bindings
     call_id = req.call_id
     cseq = req.cseq.number
 
@@ -190,9 +272,10 @@ def _apply(
         for b in bindings:
             if b.call_id == call_id and cseq <= b.cseq:
                 raise _out_of_order()
-        return []
+        return [], None
 
     parsed = [parse_name_addr(c) for c in contacts]
+    outbound = _outbound_contact(req, parsed)
     updates: list[tuple[NameAddr, int]] = []
     for contact in parsed:
         expires = _expires_of(contact, header_expires, config)
@@ -203,6 +286,7 @@ def _apply(
 
     by_key = {contact_key(b.contact): b for b in bindings}
     changed = False
+    bound_outbound = None
     for contact, expires in updates:
         uri_text = str(contact.uri)
         key = contact_key(uri_text)
@@ -236,15 +320,20 @@ def _apply(
         )
         by_key[key] = new
         changed = True
+        if contact is outbound:
+            bound_outbound = uri_text
     if len(by_key) > config.max_contacts:
         raise Forbidden(reason="Too Many Contacts")
-    return list(by_key.values()) if changed else None
+    return (list(by_key.values()) if changed else None), bound_outbound
 
 
 __all__ = [
+    "FirstHopLacksOutbound",
+    "FlowFailed",
     "RegisterOutcome",
     "RegistrarConfig",
     "contact_key",
+    "flow_timer",
     "ok_response",
     "process_register",
     "register_aor",

@@ -594,6 +594,86 @@ def test_path_is_stored_with_the_binding() -> None:
     assert b.path == ("<sip:edge1.example.net;lr>", "<sip:edge2.example.net;lr>")
 
 
+# --- RFC 5626 outbound ---------------------------------------------------------------------
+
+OB_CONTACT = f"<sip:alice@192.0.2.10:5060;ob>;+sip.instance={INSTANCE};reg-id=1"
+SUPPORTED = "Supported: path, outbound"
+
+
+def test_outbound_register_gets_require_outbound_flow_timer_and_its_contact_echoed() -> None:
+    cfg = RegistrarConfig(domains=("example.com",), flow_timer_udp=45, flow_timer_stream=500)
+    out = apply(register(OB_CONTACT, extra=[SUPPORTED]), config=cfg)
+    resp = out.response
+    assert resp.status == 200
+    assert resp.headers.values("Require") == ["outbound"]
+    assert resp.headers.get("Flow-Timer") == "45"  # the flow is UDP
+    (contact,) = resp.headers.values("Contact")
+    na = parse_name_addr(contact)
+    assert (na.param("+sip.instance"), na.param("reg-id")) == (INSTANCE, "1")
+    assert out.outbound == "sip:alice@192.0.2.10:5060;ob"
+    # Over TCP the Flow-Timer is the stream one (kept under the idle timeout).
+    tcp = apply(register(OB_CONTACT, extra=[SUPPORTED]), config=cfg, source="tcp:192.0.2.10:4711")
+    assert tcp.response.headers.get("Flow-Timer") == "500"
+
+
+@pytest.mark.parametrize(
+    ("contact", "extra"),
+    [
+        (OB_CONTACT, []),  # no Supported: outbound: the reg-id only names the binding
+        (f"<sip:alice@192.0.2.10:5060>;+sip.instance={INSTANCE}", [SUPPORTED]),  # no reg-id
+        ("<sip:alice@192.0.2.10:5060>;reg-id=1", [SUPPORTED]),  # no instance
+    ],
+)
+def test_register_without_everything_outbound_needs_is_a_plain_one(
+    contact: str, extra: list[str]
+) -> None:
+    out = apply(register(contact, extra=extra))
+    assert out.response.status == 200
+    assert "Require" not in out.response.headers
+    assert "Flow-Timer" not in out.response.headers
+    assert out.outbound is None
+    assert out.changed
+
+
+def test_an_outbound_refresh_is_outbound_again_and_a_removal_is_not() -> None:
+    first = apply(register(OB_CONTACT, extra=[SUPPORTED]))
+    again = apply(register(OB_CONTACT, extra=[SUPPORTED], cseq=2), first.bindings or ())
+    assert again.outbound == "sip:alice@192.0.2.10:5060;ob"
+    gone = apply(register(OB_CONTACT, expires="0", extra=[SUPPORTED], cseq=3), again.bindings or ())
+    assert gone.bindings == ()
+    assert gone.outbound is None
+    assert "Require" not in gone.response.headers
+
+
+def test_two_outbound_contacts_in_one_register_get_400() -> None:
+    other = f"<sip:alice@192.0.2.10:5062>;+sip.instance={INSTANCE};reg-id=2"
+    out = apply(register(OB_CONTACT, other, extra=[SUPPORTED]))
+    assert out.response.status == 400
+    assert not out.changed
+
+
+def test_outbound_through_a_proxy_needs_ob_in_the_first_path() -> None:
+    # RFC 5626 §6: the first hop must say it keeps the flow.
+    hop = "Via: SIP/2.0/UDP edge.example.net;branch=z9hG4bKedge"
+    plain = apply(register(OB_CONTACT, extra=[SUPPORTED, "Path: <sip:edge.example.net;lr>"]))
+    assert plain.response.status == 439
+    assert plain.response.reason == "First Hop Lacks Outbound Support"
+    no_path = apply(register(OB_CONTACT, extra=[SUPPORTED, hop]))
+    assert no_path.response.status == 439
+    ob = apply(register(OB_CONTACT, extra=[SUPPORTED, "Path: <sip:edge.example.net;lr;ob>"]))
+    assert ob.response.status == 200
+    assert ob.response.headers.values("Require") == ["outbound"]
+
+
+def test_a_query_lists_instance_and_reg_id_but_requires_nothing() -> None:
+    first = apply(register(OB_CONTACT, extra=[SUPPORTED]))
+    query = apply(register(extra=[SUPPORTED], cseq=2), first.bindings or ())
+    assert not query.changed
+    assert "Require" not in query.response.headers
+    (contact,) = query.response.headers.values("Contact")
+    assert parse_name_addr(contact).param("reg-id") == "1"
+
+
 # --- ok_response --------------------------------------------------------------------------
 
 
