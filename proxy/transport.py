@@ -24,6 +24,11 @@ file descriptor limit); a connection over a cap is reset at once. A connection t
 sent nothing yet, or stopped half-way through a message, gets the short partial
 timeout. Running out of descriptors or memory is logged once per interval with a count
 (:func:`install_resource_guard`), never as a traceback per event.
+
+TLS connections (RFC 3261 §26.2.1) are TCP connections with TLS on top: the same class,
+framing, timeouts and caps. An accepted one is counted against the caps before its
+handshake (``loop.start_tls``), which must end within the partial timeout; one we open
+is checked (its certificate, :mod:`proxy.tls`) before anything is written to it.
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ import errno
 import logging
 import resource
 import socket
+import ssl
 import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .flood import FloodGuard
 from .overload import OverloadControl
@@ -48,7 +54,7 @@ from .sip.errors import ParseError
 from .sip.framing import MAX_MESSAGE_BYTES, Frame, Ping, StreamFramer
 from .sip.shed import Verdict, shed
 from .stats import SipCounters
-from .stun import answer, looks_like_stun
+from .tls import HANDSHAKE_TIMEOUT, SITE_SNI, PeerRefused, TlsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 class Flow:
     """Where a message came from or goes to: transport and remote address."""
 
-    transport: str  # "udp" or "tcp"
+    transport: str  # "udp", "tcp" or "tls"
     host: str
     port: int
 
@@ -89,23 +95,12 @@ class Flow:
     def parse(cls, text: str) -> Flow:
         transport, _, rest = text.partition(":")
         host, _, port = rest.rpartition(":")
-        if transport not in ("udp", "tcp") or not host or not port.isdigit():
+        if transport not in ("udp", "tcp", "tls") or not host or not port.isdigit():
             raise ValueError(f"not a flow: {text!r}")
         return cls(transport, host.strip("[]"), int(port))
 
 
 OnMessage = Callable[[bytes, Flow], None]
-
-
-class FlowEvents(Protocol):
-    """Who hears that a flow ended or showed it is alive (RFC 5626 outbound: the
-    directory, which answers requests for a phone whose flow is gone with 430)."""
-
-    def flow_closed(self, flow: Flow) -> None:
-        """A TCP connection went away (either side closed it, or it timed out)."""
-
-    def flow_heard(self, flow: Flow) -> None:
-        """A keep-alive (CRLF or STUN) arrived over UDP from ``flow``."""
 
 
 class IntervalLog:
@@ -232,9 +227,8 @@ class _UdpReader:
             host = addr[0]
             if admit is None or admit(host, now):
                 data = bytes(view[:size])
-                if size and buffer[0] < 0x40:  # not a letter: no SIP start line
-                    layer.keepalive(data, Flow("udp", host, addr[1]), now)
-                else:
+                # RFC 5626 §4.4.1 keep-alive over UDP is STUN; plain CRLFs are ignored.
+                if size > 4 or data not in (b"\r\n\r\n", b"\r\n"):
                     layer.receive(data, Flow("udp", host, addr[1]), now)
             # else blocked: nothing copied, nothing answered
             budget -= 1
@@ -250,6 +244,8 @@ class _UdpReader:
 
 
 class _TcpConnection(asyncio.Protocol):
+    kind = "tcp"
+
     def __init__(self, layer: TransportLayer, *, inbound: bool) -> None:
         self.layer = layer
         self.inbound = inbound
@@ -264,7 +260,7 @@ class _TcpConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         host, port = transport.get_extra_info("peername")[:2]
-        self.flow = Flow("tcp", str(host), int(port))
+        self.flow = Flow(self.kind, str(host), int(port))
         layer = self.layer
         if self.inbound:
             refusal = layer.refuse_connection(self.flow.host)
@@ -327,12 +323,68 @@ class _TcpConnection(asyncio.Protocol):
             key = (self.flow.host, self.flow.port)
             if self.layer.connections.get(key) is self:
                 del self.layer.connections[key]
-            if self.layer.flow_events is not None:
-                self.layer.flow_events.flow_closed(self.flow)
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def usable(self) -> bool:
+        """Open, and (TLS) past the handshake and the peer's check."""
+        return self.transport is not None and not self.transport.is_closing()
+
+
+class _TlsConnection(_TcpConnection):
+    """SIP over TLS: a TCP connection (caps, framing, timeouts) that is upgraded first."""
+
+    kind = "tls"
+
+    def __init__(self, layer: TransportLayer, *, inbound: bool) -> None:
+        super().__init__(layer, inbound=inbound)
+        self.secured = False
+        self.peer: str | None = None  # who a server we connected to is (proxy.tls)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self.counted or self.flow is None:
+            return  # refused over a cap: being reset
+        assert isinstance(transport, asyncio.Transport)
+        layer = self.layer
+        if self.inbound:
+            # A plain TCP connection so far, counted: the ClientHello waits in the socket.
+            transport.pause_reading()
+            layer.handshake(self._accept(transport))
+            return
+        # One we opened: asyncio finished the handshake before calling us.
+        try:
+            self.peer = layer.check_tls_peer(self.flow, transport)
+        except PeerRefused as exc:
+            layer.tls_refused(self.flow, str(exc))
+            transport.abort()
+            return
+        self.secured = True
+
+    async def _accept(self, raw: asyncio.Transport) -> None:
+        layer = self.layer
+        assert layer.tls is not None
+        try:
+            secured = await asyncio.get_running_loop().start_tls(
+                raw, self, layer.tls.server, server_side=True,
+                ssl_handshake_timeout=layer.partial_timeout,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            self.connection_lost(None)
+            raise
+        except OSError as exc:  # ssl.SSLError, a reset, or the handshake timed out
+            layer.tls_failed(self.flow, exc)
+            self.connection_lost(exc)  # start_tls closed the socket
+            return
+        if secured is None or not self.counted:
+            return  # closed (idle timer, shutdown) as the handshake ended
+        self.transport = secured
+        self.secured = True
+
+    def usable(self) -> bool:
+        return self.secured and super().usable()
 
 
 class TransportLayer:
@@ -347,12 +399,10 @@ class TransportLayer:
         counters: SipCounters | None = None,
         max_tcp_per_address: int = 64,
         max_tcp_connections: int = 4096,
-        flow_events: FlowEvents | None = None,
     ) -> None:
         """``on_message`` may come later, with :meth:`serve`: a site binds its sockets
         first, to know its port, and then builds what handles the messages."""
         self.on_message = on_message
-        self.flow_events = flow_events
         self.idle_timeout = idle_timeout
         self.partial_timeout = partial_timeout
         self.flood = flood
@@ -365,6 +415,12 @@ class TransportLayer:
         self.tcp_total = 0  # live connections, both ways
         self._inbound: dict[str, int] = {}  # remote address -> accepted connections
         self._refusals = IntervalLog("refused TCP connections over the caps")
+        self.tls: TlsEndpoint | None = None
+        self.tls_port = 0
+        self._tls_server: asyncio.Server | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._tls_refusals = IntervalLog("refused TLS peers")
+        self._tls_failures = IntervalLog("failed TLS handshakes")
         self._connecting: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._udp: socket.socket | None = None
@@ -398,24 +454,6 @@ class TransportLayer:
                 self.send(flow, verdict)  # UDP: to the source address, as with rport
                 return
         self.deliver(data, flow)
-
-    def keepalive(self, data: bytes, flow: Flow, now: float) -> None:
-        """A UDP datagram that cannot be SIP by its first byte: a keep-alive (RFC 5626
-        §4.4.1: STUN, answered here; or CRLF, which some phones send), else whatever
-        it is goes on to the parser as before."""
-        if looks_like_stun(data):
-            try:
-                reply = answer(data, flow.host, flow.port)
-            except ValueError as exc:  # StunError, or a source ipaddress cannot read
-                log.debug("dropped a bad STUN message from %s: %s", flow, exc)
-                return
-            if reply is not None:
-                self.send(flow, reply)
-        elif data.strip(b"\r\n"):
-            self.receive(data, flow, now)
-            return
-        if self.flow_events is not None:
-            self.flow_events.flow_heard(flow)
 
     def deliver(self, data: bytes, flow: Flow) -> None:
         if self.on_message is None:
@@ -521,6 +559,8 @@ class TransportLayer:
             counters.overloaded = int(self.overload.overloaded)
         counters.tcp_connections = self.tcp_total
         self._refusals.flush(now)
+        self._tls_refusals.flush(now)
+        self._tls_failures.flush(now)
         self._fit_cap()
         self._housekeeping = loop.call_later(HOUSEKEEPING, self._tick)
 
@@ -536,35 +576,84 @@ class TransportLayer:
             return
         key = (flow.host, flow.port)
         conn = self.connections.get(key)
-        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+        if conn is not None and conn.kind == flow.transport and conn.usable():
             conn.write(data)
             return
         self._pending.setdefault(key, []).append(data)
         if key not in self._connecting:
-            self._connecting[key] = asyncio.get_running_loop().create_task(self._connect(key))
+            self._connecting[key] = asyncio.get_running_loop().create_task(
+                self._connect(key, flow.transport)
+            )
 
     def has_connection(self, host: str, port: int) -> bool:
         conn = self.connections.get((host, port))
-        return conn is not None and conn.transport is not None and not conn.transport.is_closing()
+        return conn is not None and conn.usable()
 
-    async def _connect(self, key: tuple[str, int]) -> None:
+    async def _connect(self, key: tuple[str, int], transport: str = "tcp") -> None:
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: _TcpConnection(self, inbound=False), *key), 5.0
-            )
+            if transport == "tls":
+                if self.tls is None:
+                    raise OSError("TLS is not set up")
+                await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: _TlsConnection(self, inbound=False), *key, ssl=self.tls.client,
+                        server_hostname=SITE_SNI, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                    ), HANDSHAKE_TIMEOUT + 5.0,
+                )  # fmt: skip
+            else:
+                await asyncio.wait_for(
+                    loop.create_connection(lambda: _TcpConnection(self, inbound=False), *key), 5.0
+                )
         except (OSError, TimeoutError) as exc:
             if is_exhaustion(exc):
                 self.counters.resources_exhausted += 1
-            log.info("tcp connect to %s:%s failed: %s", key[0], key[1], exc)
+            log.info("%s connect to %s:%s failed: %s", transport, key[0], key[1], exc)
             self._pending.pop(key, None)
             return
         finally:
             self._connecting.pop(key, None)
         conn = self.connections.get(key)
         for data in self._pending.pop(key, []):
-            if conn is not None:
+            if conn is not None and conn.usable():
                 conn.write(data)
+
+    # --- TLS ---------------------------------------------------------------------------------
+
+    async def listen_tls(self, host: str, port: int, endpoint: TlsEndpoint) -> int:
+        """Listen for SIP over TLS at host:port (0: any free port), and open TLS
+        connections with ``endpoint`` from now on. Returns the port."""
+        self.tls = endpoint
+        self._tls_server = await asyncio.get_running_loop().create_server(
+            lambda: _TlsConnection(self, inbound=True), host, port,
+            reuse_address=True, backlog=TCP_BACKLOG,
+        )  # fmt: skip
+        self.tls_port = int(self._tls_server.sockets[0].getsockname()[1])
+        return self.tls_port
+
+    def handshake(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def check_tls_peer(self, flow: Flow, transport: asyncio.Transport) -> str:
+        """Who the TLS server at ``flow`` is; PeerRefused if its certificate will not do."""
+        assert self.tls is not None
+        obj = transport.get_extra_info("ssl_object")
+        chain: list[bytes] = []
+        if isinstance(obj, ssl.SSLObject):
+            # Python 3.13 gives the whole chain; before, the leaf only.
+            whole = getattr(obj, "get_unverified_chain", None)
+            leaf = obj.getpeercert(binary_form=True)
+            chain = list(whole()) if whole is not None else [leaf] if leaf else []
+        return self.tls.check(flow.host, flow.port, chain)
+
+    def tls_refused(self, flow: Flow, reason: str) -> None:
+        self._tls_refusals.note(asyncio.get_running_loop().time(), f"{flow}: {reason}")
+
+    def tls_failed(self, flow: Flow | None, exc: BaseException) -> None:
+        log.debug("TLS handshake with %s failed: %s", flow, exc)
+        self._tls_failures.note(asyncio.get_running_loop().time(), f"{flow}: {exc}")
 
     async def close(self) -> None:
         if self._housekeeping is not None:
@@ -577,6 +666,10 @@ class TransportLayer:
             self._udp = None
         if self._tcp_server is not None:
             self._tcp_server.close()
+        if self._tls_server is not None:
+            self._tls_server.close()
+        for task in list(self._handshakes):
+            task.cancel()
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.close()
@@ -584,3 +677,6 @@ class TransportLayer:
             task.cancel()
         if self._tcp_server is not None:
             await self._tcp_server.wait_closed()
+        if self._tls_server is not None:
+            await self._tls_server.wait_closed()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
