@@ -34,6 +34,7 @@ from .sip.forwarding import (
     check_loop,
     check_routable,
     forward_copy,
+    is_sips,
     loop_hash,
     make_branch,
     next_hop_uri,
@@ -170,17 +171,19 @@ class Router:
             return  # challenged or refused
         self._assert_identity(req, user if isinstance(user, str) else None, relayed)
         if hop is not None:
-            self._forker.start(stx, req, h, [Target(None, await self._resolver.resolve(hop))])
+            target = Target(None, await self._resolver.resolve(hop))
+            self._forker.start(stx, req, h, self._over_tls(req, [target]))
             return
         if not to_user:
-            self._forker.start(stx, req, h, [Target(None, await self.flow_for_uri(ruri))])
+            target = Target(None, await self.flow_for_uri(ruri))
+            self._forker.start(stx, req, h, self._over_tls(req, [target]))
             return
         aor = aor_of(ruri)
         # Only local users learn that a user exists but is not reachable now (on a site
         # without users, where anyone may register, every caller is one).
         tell = isinstance(user, str) or not self._auth.enabled
         try:
-            targets = await self._local_targets(aor, stx)
+            targets = self._over_tls(req, await self._local_targets(aor, stx))
         except TemporarilyUnavailable:
             if tell:
                 raise
@@ -195,7 +198,7 @@ class Router:
         if self.dht is not None and not relayed:
             # Local bindings win; with none, the DHT may know the user's home proxies.
             found = await self.dht.route(aor, ruri)
-            dht_targets = await self._dht_targets(found, req)
+            dht_targets = self._over_tls(req, await self._dht_targets(found, req))
             if dht_targets:
                 self._counters.calls_routed_dht += 1
                 log.info("%s %s to %s: through the DHT to %s%s", req.method, req.call_id,
@@ -332,6 +335,20 @@ class Router:
                 log.info("skipping home proxy %s of %s: %s", home, found.aor, exc)
         return targets
 
+    def _over_tls(self, req: Request, targets: list[Target]) -> list[Target]:
+        """RFC 5630 §3.1.3: a SIPS request goes over TLS only. Targets reached otherwise
+        are left out; with none left the answer is 480 with Warning 380."""
+        if not is_sips(req):
+            return targets
+        kept = [t for t in targets if t.flow.transport == "tls"]
+        if targets and not kept:
+            where = ", ".join(str(t.flow) for t in targets)
+            raise TemporarilyUnavailable(
+                f"{req.ruri} is reachable only over something else than TLS ({where})",
+                headers=[("Warning", f'380 {self.me.host} "SIPS Not Allowed"')],
+            )
+        return kept
+
     def _down(self, home: str) -> bool:
         return self._sites is not None and self._sites.is_down(home)
 
@@ -379,6 +396,8 @@ class Router:
                 log.warning("DHT lookup of %s failed: %s", old.aor, exc)
         if found is not None and not runner.fork.cancelled:
             targets = await self._dht_targets(found, runner.stx.request)
+            if is_sips(runner.stx.request):
+                targets = [t for t in targets if t.flow.transport == "tls"]
             # Nothing new to try (the same home proxies failed): answer now.
             if targets and not {t.flow for t in targets} <= runner.tried:
                 self._counters.dht_retries += 1
@@ -433,7 +452,7 @@ class Router:
         if resp.cseq.method != "INVITE" or not 200 <= resp.status < 300:
             return
         top = resp.top_via
-        if top.host.lower() != self.me.host.lower() or (top.port or 5060) != self.me.port:
+        if not self.me.is_my_via(top.host, top.port):
             return
         vias = resp.vias
         if len(vias) < 2 or not self._tokens.branch_ok(top.branch, vias[1]):

@@ -33,10 +33,14 @@ class ProxyIdentity:
     port: int
     domains: tuple[str, ...] = ()  # SIP domains served (lower case)
     aliases: frozenset[tuple[str, int]] = frozenset()  # other (host, port) that are us
+    tls_port: int | None = None  # SIP over TLS, when it listens
+
+    def port_for(self, transport: str) -> int:
+        return self.tls_port if transport == "tls" and self.tls_port else self.port
 
     def is_my_address(self, uri: SipUri) -> bool:
         """Does this URI name this proxy's own host and port?"""
-        port = uri.port or (5061 if uri.scheme == "sips" else 5060)
+        port = uri.port or (5061 if uri.transport == "tls" else 5060)
         host = uri.host.lower()
         return (host, port) == (self.host.lower(), self.port) or (host, port) in self.aliases
 
@@ -47,13 +51,26 @@ class ProxyIdentity:
     def serves(self, uri: SipUri) -> bool:
         return uri.host.lower() in self.domains or self.is_me(uri)
 
-    def rr_uri(self, transport: str, token: str | None = None) -> str:
-        t = "" if transport == "udp" else f";transport={transport}"
+    def rr_uri(self, transport: str, token: str | None = None, *, sips: bool = False) -> str:
+        """Our Record-Route entry for a leg over ``transport``. RFC 3261 §16.6 step 4: a
+        SIPS request is record-routed with a SIPS URI (which means TLS, RFC 5630)."""
         d = f";{DIALOG_PARAM}={token}" if token else ""
-        return f"<sip:{self.host}:{self.port}{t};lr{d}>"
+        port = self.port_for(transport)
+        if sips and transport == "tls":
+            return f"<sips:{self.host}:{port};lr{d}>"
+        t = "" if transport == "udp" else f";transport={transport}"
+        return f"<sip:{self.host}:{port}{t};lr{d}>"
 
     def via(self, transport: str, branch: str) -> str:
-        return f"SIP/2.0/{transport.upper()} {self.host}:{self.port};branch={branch};rport"
+        port = self.port_for(transport)
+        return f"SIP/2.0/{transport.upper()} {self.host}:{port};branch={branch};rport"
+
+    def is_my_via(self, host: str, port: int | None) -> bool:
+        """Does a Via sent-by name us (on any of our ports)?"""
+        return host.lower() == self.host.lower() and (port or 5060) in (
+            self.port,
+            self.tls_port,
+        )
 
 
 def check_routable(req: Request) -> None:
@@ -93,7 +110,7 @@ def loop_hash(req: Request) -> str:
 def check_loop(req: Request, me: ProxyIdentity, hash_: str) -> None:
     prefix = f"{MAGIC_COOKIE}-{hash_}-"
     for via in req.vias:
-        if via.host.lower() == me.host.lower() and (via.port or 5060) == me.port:
+        if me.is_my_via(via.host, via.port):
             branch = via.branch or ""
             if branch.startswith(prefix):
                 raise LoopDetected("request looped back to this proxy")
@@ -173,13 +190,25 @@ def forward_copy(
     if record_route:
         # Two entries when the transport changes between the legs, so that each side
         # reaches us over its own transport ("double Record-Route").
+        sips = is_sips(fwd)
         if in_transport != out_transport:
-            fwd.headers.insert_before_first("Record-Route", me.rr_uri(in_transport, rr_token))
-        fwd.headers.insert_before_first("Record-Route", me.rr_uri(out_transport, rr_token))
+            fwd.headers.insert_before_first(
+                "Record-Route", me.rr_uri(in_transport, rr_token, sips=sips)
+            )
+        fwd.headers.insert_before_first(
+            "Record-Route", me.rr_uri(out_transport, rr_token, sips=sips)
+        )
     for name, value in extra:
         fwd.headers.add(name, value)
     fwd.headers.insert_before_first("Via", me.via(out_transport, branch))
     return fwd
+
+
+def is_sips(req: Request) -> bool:
+    """Must every hop of this request be TLS? RFC 3261 §26.2.2: yes for a SIPS
+    Request-URI (RFC 5630 §3.1.3: a proxy never forwards one over anything else)."""
+    ruri = req.ruri
+    return isinstance(ruri, SipUri) and ruri.scheme == "sips"
 
 
 def received_params(req: Request, host: str, port: int) -> None:
