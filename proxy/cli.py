@@ -72,6 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sip-listen", metavar="HOST:PORT", help="default 0.0.0.0:5060, UDP and TCP")
     run.add_argument("--advertise", metavar="HOST", help="address put in Via/Record-Route")
     run.add_argument(
+        "--tls-listen",
+        metavar="HOST:PORT",
+        help="SIP over TLS (default: the --sip-listen host, port 5061)",
+    )
+    run.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain) for phones")
+    run.add_argument("--tls-key", metavar="FILE", help="its PEM private key")
+    run.add_argument(
+        "--tls-ca", metavar="FILE", help="PEM CAs for TLS servers that are no member site"
+    )
+    run.add_argument(
+        "--home-transport",
+        metavar="T",
+        help="how other sites reach this one: udp (default), tcp or tls",
+    )
+    run.add_argument(
         "--route",
         dest="routes",
         action="append",

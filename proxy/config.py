@@ -116,6 +116,14 @@ class Config:
     domains: tuple[str, ...] = ()
     sip_listen: HostPort = field(default_factory=lambda: HostPort("0.0.0.0", 5060))
     advertise: str | None = None  # host/IP put in Via and Record-Route
+    # SIP over TLS (RFC 3261 §26): None listens on the SIP host, port 5061 (see
+    # tls_listen_of). Without a certificate, a self-signed one is made into data_dir.
+    tls_listen: HostPort | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # more CAs for TLS servers that are no member site
+    # How other sites reach this one (the home proxy URI in its bindings): udp, tcp, tls.
+    home_transport: str = "udp"
     # The DHT node the proxy's adaptor runs (RFC 6940 registers 6084 for RELOAD).
     dht_listen: HostPort = field(default_factory=lambda: HostPort("0.0.0.0", 6084))
     bootstrap: tuple[HostPort, ...] = ()
@@ -245,6 +253,11 @@ def _redis_url(v: Any, name: str) -> str:
 _SCALARS: dict[str, Any] = {
     "sip_listen": lambda v, n: parse_hostport(_str(v, n), n, 5060),
     "advertise": _str,
+    "tls_listen": lambda v, n: parse_hostport(_str(v, n), n, 5061),
+    "tls_cert": lambda v, n: Path(_str(v, n)),
+    "tls_key": lambda v, n: Path(_str(v, n)),
+    "tls_ca": lambda v, n: Path(_str(v, n)),
+    "home_transport": lambda v, n: _home_transport(v, n),
     "dht_listen": lambda v, n: parse_hostport(_str(v, n), n, 6084),
     "trust_dir": lambda v, n: Path(_str(v, n)),
     "outbound_proxy": lambda v, n: parse_next_hop(_str(v, n), n),
@@ -314,6 +327,23 @@ def _digest_algorithm(v: Any, name: str) -> str:
     if algorithm not in ("MD5", "SHA-256"):
         raise ConfigError(f"{name}: expected MD5 or SHA-256, got {v!r}")
     return algorithm
+
+
+def _home_transport(v: Any, name: str) -> str:
+    transport = _str(v, name).strip().lower()
+    if transport not in ("udp", "tcp", "tls"):
+        raise ConfigError(f"{name}: expected udp, tcp or tls, got {v!r}")
+    return transport
+
+
+def tls_listen_of(cfg: Config) -> HostPort:
+    """Where SIP over TLS listens: ``tls_listen``, else the SIP listen host on 5061 when
+    SIP is on 5060, or on any free port when it is not (so that sites on other ports,
+    as in tests, never contend for 5061)."""
+    if cfg.tls_listen is not None:
+        return cfg.tls_listen
+    sip = cfg.sip_listen
+    return HostPort(sip.host, 5061 if sip.port == 5060 else 0)
 
 
 def _log_level(v: Any, name: str) -> str:
@@ -403,6 +433,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("auth_block_time must not be larger than auth_block_max")
     if cfg.t1 > cfg.t2:
         raise ConfigError("t1 must not be larger than t2")
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together: set both, or neither")
     if not is_loopback(cfg.admin_listen.host) and not cfg.admin_token:
         raise ConfigError(
             f"the admin API on {cfg.admin_listen} is not loopback-only: set --admin-token"

@@ -42,7 +42,7 @@ from dht_adaptor.redis_store import RedisStore
 
 from .admin_services import SiteServices
 from .auth_gate import AuthGate
-from .config import Config
+from .config import Config, tls_listen_of
 from .dht_routing import DhtRouter
 from .directory import LocalDirectory
 from .flood import FloodGuard
@@ -64,6 +64,7 @@ from .site_probe import SiteProber
 from .sites import SiteDirectory
 from .stats import SipCounters
 from .tasks import Tasks
+from .tls import PeerVerifier, TlsError, check_pair, endpoint, phone_certificate, site_certificate
 from .transactions import TransactionLayer
 from .transport import TransportLayer
 from .user_store import UserStore, UserStoreError, open_user_store
@@ -208,7 +209,7 @@ async def open_users(config: Config) -> UserStore:
         raise StartupError(str(exc)) from None
 
 
-def identity_for(config: Config, port: int) -> ProxyIdentity:
+def identity_for(config: Config, port: int, tls_port: int | None = None) -> ProxyIdentity:
     """How the proxy names itself (Via, Record-Route) and which addresses are its own."""
     listen = config.sip_listen.host
     host = config.advertise or listen
@@ -217,7 +218,12 @@ def identity_for(config: Config, port: int) -> ProxyIdentity:
     aliases = {(host.lower(), port)}
     if listen not in ("0.0.0.0", "::"):
         aliases.add((listen.lower(), port))
-    return ProxyIdentity(host, port, config.domains, frozenset(aliases))
+    if tls_port:
+        aliases.add((host.lower(), tls_port))
+        tls_host = tls_listen_of(config).host
+        if tls_host not in ("0.0.0.0", "::"):
+            aliases.add((tls_host.lower(), tls_port))
+    return ProxyIdentity(host, port, config.domains, frozenset(aliases), tls_port)
 
 
 def _primary_address() -> str:
@@ -227,10 +233,46 @@ def _primary_address() -> str:
         return "127.0.0.1"
 
 
-def home_uri(me: ProxyIdentity) -> str:
-    """The SIP URI other sites reach this proxy at (the binding's home proxy)."""
+def home_uri(me: ProxyIdentity, transport: str = "udp") -> str:
+    """The SIP URI other sites reach this proxy at (the binding's home proxy), over
+    ``transport`` (``--home-transport``; TLS is a ``sips:`` URI, RFC 5630)."""
     host = f"[{me.host}]" if ":" in me.host else me.host
+    if transport == "tls" and me.tls_port:
+        return f"sips:{host}:{me.tls_port}"
+    if transport == "tcp":
+        return f"sip:{host}:{me.port};transport=tcp"
     return f"sip:{host}:{me.port}"
+
+
+async def listen_tls(
+    config: Config,
+    transport: TransportLayer,
+    key: SiteKey,
+    trust: TrustStore,
+    homes: Callable[[], list[tuple[str, str]]],
+) -> int:
+    """Certificates (proxy.tls) and the TLS listener; returns its port. ``homes`` gives
+    the member sites' (home proxy, key id) pairs, whose certificates are checked."""
+    listen = tls_listen_of(config)
+    host = config.advertise or config.sip_listen.host
+    names = [h for h in (host, *config.domains) if h not in ("0.0.0.0", "::")]
+    try:
+        if config.tls_cert is not None and config.tls_key is not None:
+            phones = check_pair(config.tls_cert, config.tls_key)
+        else:
+            phones = phone_certificate(config.data_dir, names or [_primary_address()])
+        site = site_certificate(config.data_dir, key, config.site_id, names)
+        verifier = PeerVerifier(trust, homes=homes, ca_file=config.tls_ca)
+        tls = endpoint(phones, site, verifier)
+    except TlsError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        port = await transport.listen_tls(listen.host, listen.port, tls)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {listen} (TLS): {exc.strerror or exc}") from None
+    log.info("SIP over TLS listening on %s:%d (site key %s vouches for it to other sites)",
+             listen.host, port, key.key_id)  # fmt: skip
+    return port
 
 
 # --- the site ---------------------------------------------------------------------------
@@ -339,12 +381,19 @@ async def build_site(
         log.info("SIP listening on %s:%d (UDP and TCP)", listen.host, port)
         if not config.domains:
             log.warning("no --domain given: serving every domain name")
-        me = identity_for(config, port)
 
         node, key = await open_dht(config)
         stack.push_async_callback(close_dht, node)
+        sites: SiteDirectory  # below; the TLS check reads it when it connects
+
+        def homes() -> list[tuple[str, str]]:
+            return [(s.home, s.key_id) for s in sites.snapshot()]
+
+        tls_port = await listen_tls(config, transport, key, node.trust, homes)
+        me = identity_for(config, port, tls_port)
+        home = home_uri(me, config.home_transport)
         adaptor = DhtAdaptor(
-            node, key, site_id=config.site_id, home=home_uri(me), clock=clock,
+            node, key, site_id=config.site_id, home=home, clock=clock,
             republish_interval=config.dht_republish, retry_delays=dht_retry_delays,
             lookup_timeout=config.dht_lookup_timeout,
         )  # fmt: skip
@@ -375,7 +424,7 @@ async def build_site(
             identity=me, directory=directory, transactions=transactions, auth=auth,
             publisher=adaptor, counters=counters, clock=clock,
         )  # fmt: skip
-        sites = SiteDirectory(home_uri(me))
+        sites = SiteDirectory(home)
         dht = DhtRouter(adaptor, counters, cache_ttl=config.dht_cache_ttl, sites=sites)
         trust = node.trust
         # A key removed from (or rescoped in) the trust folder stops routing calls at
