@@ -46,7 +46,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .flood import FloodGuard
 from .overload import OverloadControl
@@ -54,6 +54,7 @@ from .sip.errors import ParseError
 from .sip.framing import MAX_MESSAGE_BYTES, Frame, Ping, StreamFramer
 from .sip.shed import Verdict, shed
 from .stats import SipCounters
+from .stun import answer, looks_like_stun
 from .tls import HANDSHAKE_TIMEOUT, SITE_SNI, PeerRefused, TlsEndpoint
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,17 @@ class Flow:
 
 
 OnMessage = Callable[[bytes, Flow], None]
+
+
+class FlowEvents(Protocol):
+    """Who hears that a flow ended or showed it is alive (RFC 5626 outbound: the
+    directory, which answers requests for a phone whose flow is gone with 430)."""
+
+    def flow_closed(self, flow: Flow) -> None:
+        """A TCP connection went away (either side closed it, or it timed out)."""
+
+    def flow_heard(self, flow: Flow) -> None:
+        """A keep-alive (CRLF or STUN) arrived over UDP from ``flow``."""
 
 
 class IntervalLog:
@@ -227,8 +239,9 @@ class _UdpReader:
             host = addr[0]
             if admit is None or admit(host, now):
                 data = bytes(view[:size])
-                # RFC 5626 §4.4.1 keep-alive over UDP is STUN; plain CRLFs are ignored.
-                if size > 4 or data not in (b"\r\n\r\n", b"\r\n"):
+                if size and buffer[0] < 0x40:  # not a letter: no SIP start line
+                    layer.keepalive(data, Flow("udp", host, addr[1]), now)
+                else:
                     layer.receive(data, Flow("udp", host, addr[1]), now)
             # else blocked: nothing copied, nothing answered
             budget -= 1
@@ -323,6 +336,8 @@ class _TcpConnection(asyncio.Protocol):
             key = (self.flow.host, self.flow.port)
             if self.layer.connections.get(key) is self:
                 del self.layer.connections[key]
+            if self.layer.flow_events is not None:
+                self.layer.flow_events.flow_closed(self.flow)
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -399,10 +414,12 @@ class TransportLayer:
         counters: SipCounters | None = None,
         max_tcp_per_address: int = 64,
         max_tcp_connections: int = 4096,
+        flow_events: FlowEvents | None = None,
     ) -> None:
         """``on_message`` may come later, with :meth:`serve`: a site binds its sockets
         first, to know its port, and then builds what handles the messages."""
         self.on_message = on_message
+        self.flow_events = flow_events
         self.idle_timeout = idle_timeout
         self.partial_timeout = partial_timeout
         self.flood = flood
@@ -454,6 +471,24 @@ class TransportLayer:
                 self.send(flow, verdict)  # UDP: to the source address, as with rport
                 return
         self.deliver(data, flow)
+
+    def keepalive(self, data: bytes, flow: Flow, now: float) -> None:
+        """A UDP datagram that cannot be SIP by its first byte: a keep-alive (RFC 5626
+        §4.4.1: STUN, answered here; or CRLF, which some phones send), else whatever
+        it is goes on to the parser as before."""
+        if looks_like_stun(data):
+            try:
+                reply = answer(data, flow.host, flow.port)
+            except ValueError as exc:  # StunError, or a source ipaddress cannot read
+                log.debug("dropped a bad STUN message from %s: %s", flow, exc)
+                return
+            if reply is not None:
+                self.send(flow, reply)
+        elif data.strip(b"\r\n"):
+            self.receive(data, flow, now)
+            return
+        if self.flow_events is not None:
+            self.flow_events.flow_heard(flow)
 
     def deliver(self, data: bytes, flow: Flow) -> None:
         if self.on_message is None:
