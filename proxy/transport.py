@@ -394,7 +394,9 @@ class _TlsConnection(_TcpConnection):
             self.connection_lost(exc)  # start_tls closed the socket
             return
         if secured is None or not self.counted:
-            return  # closed (idle timer, shutdown) as the handshake ended
+            # Closed during the handshake (the partial timer): asyncio tells only us.
+            self.connection_lost(None)
+            return
         self.transport = secured
         self.secured = True
 

@@ -190,7 +190,7 @@ def forward_copy(
     if record_route:
         # Two entries when the transport changes between the legs, so that each side
         # reaches us over its own transport ("double Record-Route").
-        sips = is_sips(fwd)
+        sips = is_sips(req) or is_sips(fwd)  # a SIPS AOR retargeted to its contact
         if in_transport != out_transport:
             fwd.headers.insert_before_first(
                 "Record-Route", me.rr_uri(in_transport, rr_token, sips=sips)
