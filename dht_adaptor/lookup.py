@@ -54,6 +54,9 @@ class IterativeLookup:
         self._spawn = spawn
         self.nearest = NodeHeap(target, ksize)
         self.nearest.push(peers)
+        # Every node id heard of (asked, listed, skipped): how many nodes the key's
+        # k closest could be, for the quorums (DhtNode.put and get).
+        self.heard: set[bytes] = {bytes(p.id) for p in peers}
         # Failed nodes and stragglers, kept out of ``nearest`` even when later answers list
         # them again (kademlia's NodeHeap would take them back, already "contacted", and
         # return dead nodes as the closest: a put then waited for their timeouts).
@@ -110,6 +113,7 @@ class IterativeLookup:
                 else:
                     self.answered += 1
                     nodes = self._protocol.parse_nodes(payload)
+                    self.heard.update(bytes(n.id) for n in nodes)
                     self.nearest.push([n for n in nodes if self._admits(n)])
             now = loop.time()
             for task in [t for t in active if now - pending[t][1] >= patience]:

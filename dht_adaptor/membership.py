@@ -63,6 +63,7 @@ __all__ = [
     "Refusal",
     "RefusalLog",
     "Sender",
+    "millis",
     "node_id_of",
     "open_datagram",
 ]
@@ -91,6 +92,7 @@ class Refusal(enum.Enum):
     UNTRUSTED_KEY = "untrusted_key"  # the key id is not in the trust store (now)
     BAD_SIGNATURE = "bad_signature"
     WRONG_NODE_ID = "wrong_node_id"  # a request naming an id not bound to its key and salt
+    NO_SESSION = "no_session"  # a MAC datagram of a session we do not have (session.py)
 
     @property
     def text(self) -> str:
@@ -104,6 +106,7 @@ _TEXTS = {
     Refusal.UNTRUSTED_KEY: "untrusted key",
     Refusal.BAD_SIGNATURE: "bad signature, key",
     Refusal.WRONG_NODE_ID: "node id not bound to its proof, key",
+    Refusal.NO_SESSION: "no session (restarted?) with key",
 }
 
 
@@ -133,7 +136,7 @@ class Member:
 
     def seal(self, datagram: bytes, now: float) -> bytes:
         """``datagram`` with this node's proof in front (sent at wall-clock time ``now``)."""
-        header = self._prefix + _millis(now).to_bytes(8, "big")
+        header = self._prefix + millis(now).to_bytes(8, "big")
         return header + self.key.sign(_DOMAIN + header + datagram) + datagram
 
 
@@ -144,6 +147,7 @@ class Sender:
     key_id: str
     node_id: bytes  # bound to the key: SHA-1(public key || salt)
     datagram: bytes  # the rpcudp datagram inside
+    legacy: bool = False  # sealed as P1 (no session offered): answer in P1 (session.py)
 
 
 def open_datagram(data: bytes, trust: TrustStore, now: float, window: float = WINDOW) -> Sender:
@@ -154,9 +158,9 @@ def open_datagram(data: bytes, trust: TrustStore, now: float, window: float = WI
     """
     if len(data) < OVERHEAD or data[:2] != TAG:
         raise NotAMember(Refusal.NO_PROOF)
-    _, raw_key_id, salt, millis = _HEADER.unpack_from(data)
+    _, raw_key_id, salt, stamp = _HEADER.unpack_from(data)
     key_id = raw_key_id.hex()
-    if not abs(now - millis / 1000) <= window:
+    if not abs(now - stamp / 1000) <= window:
         raise NotAMember(Refusal.STALE, key_id)
     public = trust.public_bytes(key_id)
     if public is None:
@@ -168,7 +172,8 @@ def open_datagram(data: bytes, trust: TrustStore, now: float, window: float = WI
     return Sender(key_id, node_id_of(public, salt), body)
 
 
-def _millis(now: float) -> int:
+def millis(now: float) -> int:
+    """``now`` (wall-clock seconds) in the milliseconds the headers carry."""
     if not math.isfinite(now) or now < 0:
         raise ValueError(f"not a wall-clock time: {now}")
     return int(now * 1000)

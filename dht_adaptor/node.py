@@ -13,6 +13,13 @@ protocol and tracked background tasks. :class:`DhtNode` adds:
 * **Typed failures.** ``put``/``get`` raise :class:`DhtUnavailable`, :class:`DhtRejected`,
   :class:`InvalidBindings` (from :mod:`dht_adaptor.errors`, re-exported here) or
   ``record.RecordTooLarge`` instead of returning None/False.
+* **Quorums** (:mod:`dht_adaptor.quorum`): k = 8 copies; a put is acknowledged when 3
+  of them hold the record and says how many do (:class:`Stored`); a get that found
+  nothing from fewer than n - 3 + 1 of the closest nodes raises DhtUnavailable.
+* **Overload degrades, never disconnects.** At most ``max_puts`` puts run at once (the
+  rest queue: back-pressure on the adaptor's writer); a node whose routing table
+  emptied re-joins by itself (its bootstrap nodes, then contacts it knew); ``stats``
+  reports what its queues hold (``backlog``) and how late its event loop runs.
 * **Republishing and read repair.** Every ``republish_interval`` the node re-stores what
   it holds at the current k closest nodes; after a ``get`` the closest nodes that lacked
   part of the merged record are sent it. Both are safe because merge is idempotent.
@@ -54,6 +61,7 @@ from dht_adaptor.protocol import (
     Spawn,
     record_chunks,
 )
+from dht_adaptor.quorum import DEFAULT_KSIZE, DEFAULT_WRITE_QUORUM, Quorum, Stored
 from dht_adaptor.record import (
     DhtBinding,
     RecordError,
@@ -65,6 +73,7 @@ from dht_adaptor.record import (
     merge,
 )
 from dht_adaptor.record_store import MAX_HELD_BYTES, RecordStore, RecordStoreError
+from dht_adaptor.stats import Load
 
 __all__ = [
     "DhtError",
@@ -73,6 +82,7 @@ __all__ = [
     "DhtUnavailable",
     "InvalidBindings",
     "RecordTooLarge",
+    "Stored",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +91,10 @@ DEFAULT_RPC_TIMEOUT = 0.5  # seconds; kademlia's 5 s made every dead contact cos
 DEFAULT_REPUBLISH_INTERVAL = 600.0
 DEFAULT_SWEEP_INTERVAL = 60.0
 DEFAULT_DEAD_TTL = 30.0
+DEFAULT_MAX_PUTS = 16  # puts at once; more wait (back-pressure on the adaptor's writer)
+DEFAULT_WELCOME_DELAY = 2.0
+_TICK = 0.25  # seconds between two rounds of NodeProtocol.maintain
+_REJOIN_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 def _versions(bindings: Bindings) -> set[tuple[tuple[str, str, str], int]]:
@@ -132,7 +146,7 @@ class DhtNode:
         *,
         key: SiteKey,
         salt: bytes | None = None,
-        ksize: int = 20,
+        ksize: int = DEFAULT_KSIZE,
         alpha: int = 3,
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
         clock: Callable[[], float] = time.time,
@@ -140,6 +154,10 @@ class DhtNode:
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
         dead_ttl: float = DEFAULT_DEAD_TTL,
         hedge: bool = True,
+        write_quorum: int = DEFAULT_WRITE_QUORUM,
+        max_puts: int = DEFAULT_MAX_PUTS,
+        welcome_delay: float = DEFAULT_WELCOME_DELAY,
+        sessions: bool = True,
     ) -> None:
         """``store`` stays the caller's: :meth:`close` does not close it.
 
@@ -150,9 +168,17 @@ class DhtNode:
 
         ``rpc_timeout`` is when an RPC fails and its node is evicted; with ``hedge`` a
         lookup asks the next node after a few round-trip times meanwhile (see IterativeLookup).
+
+        ``ksize`` copies of each record, ``write_quorum`` of them acknowledge a put
+        (:mod:`dht_adaptor.quorum`); at most ``max_puts`` puts at once. A contact that
+        only asked us something is sent records after ``welcome_delay`` seconds if it
+        still answers. ``sessions`` False signs every datagram (the measurement baseline).
         """
-        if ksize < 1 or alpha < 1:
-            raise ValueError(f"ksize and alpha must be positive, not {ksize} and {alpha}")
+        if ksize < 1 or alpha < 1 or write_quorum < 1 or max_puts < 1:
+            raise ValueError(
+                f"ksize, alpha, write_quorum and max_puts must be positive, not "
+                f"{ksize}, {alpha}, {write_quorum} and {max_puts}"
+            )
         for name, value in (
             ("rpc_timeout", rpc_timeout),
             ("republish_interval", republish_interval),
@@ -171,6 +197,14 @@ class DhtNode:
         self._rpc_timeout = rpc_timeout
         self._dead_ttl = dead_ttl
         self._hedge = hedge
+        self._write_quorum = write_quorum
+        self._welcome_delay = welcome_delay
+        self._sessions = sessions
+        self._put_slots = asyncio.Semaphore(max_puts)
+        self._puts_waiting = 0
+        self._seeds: list[Address] = []
+        self._rejoin_at = 0.0
+        self._rejoin_failures = 0
         self._republish_interval = republish_interval
         self._sweep_interval = sweep_interval
         self._counters = DhtStats()
@@ -198,6 +232,8 @@ class DhtNode:
             rpc_timeout=self._rpc_timeout,
             dead_ttl=self._dead_ttl,
             hedge=self._hedge,
+            welcome_delay=self._welcome_delay,
+            sessions=self._sessions,
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
@@ -262,7 +298,45 @@ class DhtNode:
         self._address = (host, int(sockname[1]))
         self._spawn(self._every(self._republish_interval, self.republish))
         self._spawn(self._every(self._sweep_interval, self._sweep))
+        self._spawn(self._index_store())
+        self._spawn(self._maintain())
         return self._address[1]
+
+    async def _index_store(self) -> None:
+        """Index what the store already holds (a restart on Redis, preloaded records)."""
+        try:
+            async for key, _ in self._store.items(self._clock()):
+                self._protocol.index.add(key)
+        except (RecordStoreError, DhtUnavailable) as exc:
+            log.warning("cannot index the records held: %s", exc)
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK)
+            protocol = self._protocol
+            protocol.maintain()
+            if self._had_peers and not self.peers():
+                await self._rejoin(protocol)
+
+    async def _rejoin(self, protocol: NodeProtocol) -> None:
+        """The routing table emptied (every peer timed out, say after an overload): join
+        again through the bootstrap nodes and the contacts we marked dead, with backoff."""
+        now = asyncio.get_running_loop().time()
+        if now < self._rejoin_at:
+            return
+        known = [(n.ip, n.port) for n in protocol.dead_contacts()]
+        addresses = list(dict.fromkeys(self._seeds + known))[: 4 * self._ksize]
+        for address in addresses:
+            protocol.forget_dead(address)
+        log.warning("DHT routing table empty: re-joining via %d known node(s)", len(addresses))
+        if await self._join(addresses):
+            self._counters.rejoins += 1
+            self._rejoin_failures = 0
+            log.warning("DHT node re-joined: %d peer(s)", len(self.peers()))
+        else:
+            delay = _REJOIN_DELAYS[min(self._rejoin_failures, len(_REJOIN_DELAYS) - 1)]
+            self._rejoin_failures += 1
+            self._rejoin_at = asyncio.get_running_loop().time() + delay
 
     async def ping(self, addr: tuple[str, int]) -> bool:
         """Does a DHT node answer at ``addr`` (hostnames resolved)? Joins nothing."""
@@ -273,19 +347,26 @@ class DhtNode:
 
     async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> int:
         """Join via known nodes (hostnames are resolved); returns how many peers we know."""
-        protocol = self._protocol
         resolved = await asyncio.gather(*(self._resolve(host, port) for host, port in addrs))
         addresses = [a for a in resolved if a is not None]
+        self._seeds = list(dict.fromkeys(self._seeds + addresses))[-64:]
+        await self._join(addresses)
+        return len(self.peers())
+
+    async def _join(self, addresses: Sequence[Address]) -> int:
+        """Ping ``addresses``, welcome those that answer, look ourselves up through them;
+        returns how many answered."""
+        protocol = self._protocol
         pings = [protocol.ping_address(a) for a in addresses]
         seeds = []
         for address, node_id in zip(addresses, await asyncio.gather(*pings), strict=True):
             if node_id is not None and node_id != self.node_id:
                 seed = Node(node_id, address[0], address[1])
-                protocol.welcome_if_new(seed)
+                protocol.handle_call_response((True, node_id), seed)  # it answered
                 seeds.append(seed)
         if seeds:
             await self._lookup(protocol, self._server.node, seeds).run()
-        return len(self.peers())
+        return len(seeds)
 
     async def _resolve(self, host: str, port: int) -> Address | None:
         return await self._protocol.resolve(host, port)
@@ -307,12 +388,16 @@ class DhtNode:
         """True while this node has never known a peer: it is the whole overlay."""
         return not self.peers() and not self._had_peers
 
-    async def _closest(self, target: Node) -> list[Node]:
+    async def _closest(self, target: Node) -> tuple[list[Node], int]:
+        """The k closest nodes to ``target`` that answered, and how many nodes the
+        lookup heard of (for the quorums)."""
         protocol = self._protocol
         peers = protocol.live_neighbors(target)
         if not peers:
-            return []
-        return await self._lookup(protocol, target, peers).run()
+            return [], 0
+        lookup = self._lookup(protocol, target, peers)
+        nodes = await lookup.run()
+        return nodes, len(lookup.heard - {self.node_id})
 
     def _lookup(
         self, protocol: NodeProtocol, target: Node, peers: list[Node], *, revive: bool = False
@@ -329,25 +414,35 @@ class DhtNode:
 
     # -- put and get -------------------------------------------------------------------
 
-    async def put(self, aor: str, bindings: Sequence[DhtBinding]) -> int:
-        """Store our bindings of ``aor`` at the k closest nodes; returns how many took them.
+    async def put(self, aor: str, bindings: Sequence[DhtBinding]) -> Stored:
+        """Store our bindings of ``aor`` at the k closest nodes; returns how many hold
+        them (a :class:`Stored`: an int that also says how many should).
 
-        Raises InvalidBindings, RecordTooLarge (before sending anything), DhtUnavailable
-        (no peers, or no node answered; a local copy, if this node is among the closest,
-        is kept and republished) or DhtRejected.
+        At most ``max_puts`` run at once; the others wait their turn. Raises
+        InvalidBindings, RecordTooLarge (before sending anything), DhtUnavailable (no
+        peers, or fewer than the write quorum took it; a local copy, if this node is
+        among the closest, is kept and republished) or DhtRejected (every node refused).
         """
+        self._puts_waiting += 1
+        try:
+            await self._put_slots.acquire()
+        finally:
+            self._puts_waiting -= 1
         started = time.perf_counter()
         try:
-            accepted = await self._put(aor, tuple(bindings))
+            stored = await self._put(aor, tuple(bindings))
         except (DhtError, RecordError):
             self._counters.puts_failed += 1
             raise
         finally:
+            self._put_slots.release()
             self._counters.put_latency.add(time.perf_counter() - started)
         self._counters.puts_ok += 1
-        return accepted
+        if not stored.complete:
+            self._counters.puts_partial += 1
+        return stored
 
-    async def _put(self, aor: str, bindings: Bindings) -> int:
+    async def _put(self, aor: str, bindings: Bindings) -> Stored:
         key = dht_key(aor)
         if not bindings:
             raise InvalidBindings(f"no bindings to put for {aor!r}")
@@ -358,42 +453,61 @@ class DhtNode:
             raise InvalidBindings(f"{unverified} binding(s) of {aor!r} fail verification")
         value = encode_record(bindings)
         target = Node(key)
-        nodes = await self._closest(target)
+        nodes, heard = await self._closest(target)
         if not nodes and self._alone():
             # A node that never knew a peer is the whole overlay (a lone site, the first
             # node before others join): it is the closest node, so it keeps the record,
             # and republishes it to closer nodes once they join.
             if (await self._store.merge_in(key, value, self._clock())).ok:
-                return 1
+                self._indexed(key)
+                return Stored(1, 1)
             raise DhtRejected(f"the local store refused the record of {aor!r}")
         if not nodes:
             raise DhtUnavailable(f"no DHT peer answered to store {aor!r}")
         local = self._we_are_close(target, nodes)
         protocol = self._protocol
-        remote = asyncio.gather(*(protocol.call_store(n, key, value) for n in nodes))
-        results = await remote
+        results = await asyncio.gather(*(protocol.call_store(n, key, value) for n in nodes))
         accepted = sum(1 for ok, answer in results if ok and answer is True)
         answered = sum(1 for ok, _ in results if ok)
         if local:
             try:
                 if (await self._store.merge_in(key, value, self._clock())).ok:
                     accepted += 1
+                    self._indexed(key)
             except RecordStoreError as exc:
                 log.warning("cannot store %s locally: %s", aor, exc)
-        if not answered:
-            raise DhtUnavailable(f"none of {len(nodes)} DHT nodes answered for {aor!r}")
-        if not accepted:
-            raise DhtRejected(f"{answered} DHT node(s) refused the record of {aor!r}")
-        log.debug("put %s: %d of %d nodes took it (local: %s)", aor, accepted, len(nodes), local)
-        return accepted
+        quorum = self._quorum(heard)
+        wanted = min(self._ksize, len(nodes) + local)
+        if accepted >= quorum.write:
+            log.debug("put %s: %d of %d nodes took it", aor, accepted, wanted)
+            return Stored(accepted, wanted)
+        refused = answered - sum(1 for ok, answer in results if ok and answer is True)
+        if refused:
+            raise DhtRejected(
+                f"{refused} DHT node(s) refused the record of {aor!r}; "
+                f"{accepted} hold it, {quorum.write} needed"
+            )
+        raise DhtUnavailable(
+            f"{aor!r} stored at {accepted} node(s) of {wanted}: {quorum.write} needed"
+        )
+
+    def _quorum(self, heard: int) -> Quorum:
+        """The quorums for a key of which ``heard`` other nodes were heard of."""
+        return Quorum.of(self._ksize, self._write_quorum, heard + 1)
+
+    def _indexed(self, key: bytes) -> None:
+        protocol = self._server.protocol
+        if protocol is not None:
+            protocol.index.add(key, asyncio.get_running_loop().time())
 
     async def get(self, aor: str, *, tombstones: bool = False) -> Bindings:
         """The live, verified bindings of ``aor`` merged from every close node that answers
         (with ``tombstones``, also the unexpired tombstones: they say the AOR was
         registered until recently).
 
-        Returns () when nobody has any; raises DhtUnavailable only when no node answered
-        and the local store holds nothing for the key.
+        Returns () when nobody has any and enough of the closest nodes said so (the
+        read quorum, :mod:`dht_adaptor.quorum`); raises DhtUnavailable when fewer
+        answered: "unknown" is never turned into "nobody".
         """
         started = time.perf_counter()
         try:
@@ -421,12 +535,12 @@ class DhtNode:
         peers = protocol.live_neighbors(target)
         found: dict[bytes, Bindings] = {}
         closest: list[Node] = []
-        answered = 0
+        heard: set[bytes] = set()
         skipped = {n.id: n for n in protocol.dead_near(target)}
         if peers:
             lookup = self._lookup(protocol, target, peers)
             closest = await lookup.run(find_value=True)
-            answered = lookup.answered
+            heard |= lookup.heard
             found = {nid: self._admit_answer(key, v) for nid, v in lookup.values.items()}
             skipped.update(lookup.skipped)
         missed = self._would_rank(target, closest, skipped.values())
@@ -437,15 +551,25 @@ class DhtNode:
             self._counters.get_retries += 1
             retry = self._lookup(protocol, target, peers + missed, revive=True)
             closest = await retry.run(find_value=True)
-            answered += retry.answered
+            heard |= retry.heard
             found.update({nid: self._admit_answer(key, v) for nid, v in retry.values.items()})
-        if not answered and not local and not (not peers and self._alone()):
-            # (A node that never knew a peer is the whole overlay: "none" is the answer.)
-            raise DhtUnavailable(f"no DHT node answered for {aor!r}")
         merged = merge(local, *found.values(), now=now)
         if merged:
-            self._spawn(self._repair(key, merged, closest, found, local, target))
-        return merged
+            protocol.spawn_background(self._repair(key, merged, closest, found, local, target))
+            return merged
+        if not peers and self._alone():
+            return ()  # a node that never knew a peer is the whole overlay: "none" it is
+        heard |= {bytes(n.id) for n in skipped.values()}
+        heard.discard(self.node_id)
+        quorum = self._quorum(len(heard))
+        answers = len(closest) + self._we_are_close(target, closest)
+        if answers < quorum.read:
+            self._counters.gets_unknown += 1
+            raise DhtUnavailable(
+                f"nothing for {aor!r} from {answers} of its {quorum.replicas} closest "
+                f"DHT nodes: {quorum.read} needed to say there is none"
+            )
+        return ()
 
     def _would_rank(self, target: Node, closest: list[Node], nodes: Iterable[Node]) -> list[Node]:
         """Those of ``nodes`` that would be among the k closest to ``target`` had they
@@ -498,17 +622,27 @@ class DhtNode:
         try:
             for chunk in chunks:
                 await self._store.merge_in(key, chunk, self._clock())
+            self._indexed(key)
         except RecordStoreError as exc:
             log.warning("cannot store key %s locally: %s", key.hex(), exc)
 
     # -- maintenance -------------------------------------------------------------------
 
     async def republish(self) -> int:
-        """Re-store every held record at the current k closest nodes; returns stores made."""
+        """Re-store every held record at the current k closest nodes, except those stored
+        here by someone within ``republish_interval`` (Kademlia paper §2.5: a store
+        reached the other close nodes too); returns stores made."""
         protocol = self._protocol
+        index = protocol.index
+        horizon = asyncio.get_running_loop().time() - self._republish_interval
         sent = 0
         async for key, bindings in self._store.items(self._clock()):
-            nodes = await self._closest(Node(key))
+            stored_at = index.stored_at(key)
+            if stored_at is None:
+                index.add(key)
+            elif stored_at > horizon:
+                continue
+            nodes, _ = await self._closest(Node(key))
             chunks = record_chunks(bindings)
             results = await asyncio.gather(*(protocol.send_record(n, key, chunks) for n in nodes))
             sent += sum(results)
@@ -531,10 +665,31 @@ class DhtNode:
         """How many keys this node's store holds."""
         return await self._store.count()
 
+    def load(self) -> Load:
+        """What this node's own queues hold now (``backlog`` in :meth:`stats` sums them)."""
+        protocol = self._server.protocol
+        if protocol is None:
+            return Load(puts_waiting=self._puts_waiting)
+        return Load(
+            requests=protocol.requests,
+            outstanding=protocol.outstanding,
+            background=protocol.background,
+            puts_waiting=self._puts_waiting,
+            welcomes_pending=protocol.welcomes_pending,
+            loop_lag=protocol.lag,
+        )
+
     def stats(self) -> dict[str, float]:
-        """A snapshot of the counters, with the store's accepted/rejected and latencies."""
+        """A snapshot of the counters, with the store's accepted/rejected and latencies,
+        and the queues (``backlog``: requests, background jobs and puts not done yet)."""
+        protocol = self._server.protocol
+        if protocol is not None:
+            self._counters.sessions = protocol.sessions_made
         return self._counters.snapshot(
-            accepted=self._store.accepted, rejected=self._store.rejected, peers=len(self.peers())
+            accepted=self._store.accepted,
+            rejected=self._store.rejected,
+            peers=len(self.peers()),
+            load=self.load(),
         )
 
     async def close(self) -> None:

@@ -3,60 +3,64 @@
 :class:`NodeProtocol` subclasses kademlia 2.2.3's ``KademliaProtocol`` (itself rpcudp
 5.0.1's ``RPCProtocol``) and overrides private internals of both, which is why
 ``pyproject.toml`` pins their exact versions and ``tests/dht/test_engine_contract.py``
-checks every name used here. What it changes:
+checks every name used here. The datagram side (sessions, requests, answers, timeouts,
+loop lag) is :class:`~dht_adaptor.endpoint.Endpoint`; here:
 
 * **Merged, verified values.** ``rpc_store`` hands the bytes to a
   :class:`~dht_adaptor.record_store.RecordStore`, which verifies every binding and merges
   it into what it holds; ``rpc_find_value`` answers from that store.
-* **Dead nodes cost little.** The RPC timeout is configurable (kademlia waits 5 s), a
-  timed-out address is skipped by our own lookups for ``dead_ttl`` seconds (any datagram
-  from it clears that at once), and it leaves the routing table (kademlia already does).
-  The dead contacts are remembered, so that a lookup that found no value while it
-  skipped some can ask them once more (:meth:`NodeProtocol.dead_near`): after a
-  partition heals, the far side's records are found at the first retry.
-* **A closed overlay.** Every datagram sent is sealed with the site key and every one
-  received is opened (:mod:`dht_adaptor.membership`) before anything else: a datagram
-  without valid proof of a trusted site is counted, logged once per interval and
-  dropped, never answered, and never clears a dead mark or enters the routing table. A
-  request must name the node id bound to its proof, and an answer must come from the
-  node id we asked (``_request`` replaces rpcudp's stub for that; the stub is unused).
+* **A timeout marks, a confirmation evicts.** A real timeout (not one our own loop lag
+  caused) marks the node dead at once (lookups skip it), and a ping with a longer
+  timeout confirms it before it leaves the routing table (SWIM's idea): under overload
+  a node keeps its peers.
+* **Dead stays dead until heard from** (:mod:`dht_adaptor.contacts`): not re-learnt from
+  others' answers, left out of ours, kept out of the replacement cache; probed now and
+  then, so a node that comes back is found. The dead contacts are remembered, so that a
+  lookup that found no value while it skipped some can ask them once more
+  (:meth:`NodeProtocol.dead_near`): after a partition heals, the far side is asked.
+* **Replication that costs what it moves** (:mod:`dht_adaptor.keyspace`): a new contact
+  is sent the records for which it is now among the k closest, looking only at the keys
+  in its id range. A contact that only asked (a lookup client) waits ``welcome_delay``
+  and must answer a ping first; a replacement-cache entry gets nothing.
 * **Robust to bad peers.** Undecodable datagrams, unknown RPCs, wrong argument counts or
   types, node lists with hostnames or bad ids are dropped and logged at debug level; they
   never raise inside a task or send a traceback to the log.
 * **welcome_if_new** no longer re-digests keys that already are digests (kademlia
   computes ``digest(key)`` of the 20-byte key, so it picked the wrong nodes to replicate
-  to); replication to a new close node goes through the same merge.
-
-Also here: :class:`DhtStats` (the counters the protocol and ``DhtNode`` share), the
-node-id and datagram argument checks, and :func:`record_chunks`, which splits a record
-too large for one store RPC into records that merge in like the whole.
+  to).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import ipaddress
 import logging
 import math
-import os
 import socket
-import struct
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import umsgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.storage import IStorage
-from rpcudp.exceptions import MalformedMessage
 
+from dht_adaptor.contacts import DeadContacts
+from dht_adaptor.endpoint import BUSY, LAGGED, OTHER_NODE, BadRequest, Endpoint, Spawn
 from dht_adaptor.keys import TrustStore
-from dht_adaptor.membership import Member, NotAMember, Refusal, RefusalLog, Sender, open_datagram
-from dht_adaptor.record import WIRE_LIMIT, DhtBinding, RecordError, RecordTooLarge, encode_record
+from dht_adaptor.keyspace import ID_BITS, KeyIndex, block_bits
+from dht_adaptor.membership import Member
+from dht_adaptor.record import DhtBinding, RecordError, encode_record
 from dht_adaptor.record_store import MAX_HELD_BYTES, RecordStore, RecordStoreError
+from dht_adaptor.session import Sessions
+from dht_adaptor.stats import DhtStats, Latency
+from dht_adaptor.wire import (
+    MAX_NODES_IN_ANSWER,
+    RPC_NAMES,
+    UNPACK_ERRORS,
+    is_node_id,
+    record_chunks,
+    valid_ip,
+)
 
 __all__ = [
     "Address",
@@ -72,118 +76,27 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ID_BYTES = 20
-_MAX_NODES_IN_ANSWER = 64  # a find_node answer holds k nodes; more is a peer misbehaving
-_UNPACK_ERRORS = (umsgpack.UnpackException, ValueError, OverflowError, RecursionError, struct.error)
-_RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value"})
-
-_MAX_DEAD = 4096  # dead marks kept (oldest dropped first); a lookup meets at most k per answer
-_OTHER_NODE = object()  # the answer to a call came from another node id than the one asked
+_RPC_NAMES = RPC_NAMES  # (names the contract test reads)
+_UNPACK_ERRORS = UNPACK_ERRORS
 
 _MIN_PATIENCE = 0.05  # seconds; see NodeProtocol.patience
 _PATIENCE_FACTOR = 3.0
 _RTT_SAMPLES = 64
 _MIN_RTT_SAMPLES = 8
+DEFAULT_WELCOME_DELAY = 2.0  # seconds before a contact that only asked is replicated to
+DEFAULT_MAX_REQUESTS = 256  # async request handlers at once
+_MAX_PENDING_WELCOMES = 1024
+_WELCOMES_PER_TICK = 16
+_PROBES_PER_TICK = 4
 
 Address = tuple[str, int]
 Bindings = tuple[DhtBinding, ...]
-Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any] | None"]
-
-
-@dataclass(slots=True)
-class Latency:
-    """Durations of one kind of operation, in seconds."""
-
-    count: int = 0
-    last: float = 0.0
-    total: float = 0.0
-    max: float = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.count += 1
-        self.last = seconds
-        self.total += seconds
-        self.max = max(self.max, seconds)
-
-
-@dataclass(slots=True)
-class DhtStats:
-    """Counters of one node; :meth:`DhtNode.stats` adds the store's."""
-
-    puts_ok: int = 0
-    puts_failed: int = 0
-    gets_ok: int = 0
-    gets_failed: int = 0
-    rpc_timeouts: int = 0
-    rejected_on_get: int = 0  # bindings in find_value answers that failed verification
-    repairs: int = 0  # records sent by read repair, replication and republishing
-    refused: dict[Refusal, int] = field(default_factory=lambda: dict.fromkeys(Refusal, 0))
-    other_node_answers: int = 0  # answers from a node id we did not ask (a restart, say)
-    get_retries: int = 0  # lookups repeated with known-dead contacts re-admitted
-    put_latency: Latency = field(default_factory=Latency)
-    get_latency: Latency = field(default_factory=Latency)
-
-    def snapshot(self, *, accepted: int, rejected: int, peers: int) -> dict[str, float]:
-        """The counters as ``DhtNode.stats`` returns them, with the store's and the peers."""
-        return {
-            "puts_ok": self.puts_ok,
-            "puts_failed": self.puts_failed,
-            "gets_ok": self.gets_ok,
-            "gets_failed": self.gets_failed,
-            "rejected": rejected,
-            "accepted": accepted,
-            "rejected_on_get": self.rejected_on_get,
-            "rpc_timeouts": self.rpc_timeouts,
-            "repairs": self.repairs,
-            "refused_datagrams": sum(self.refused.values()),
-            **{f"refused_{reason.value}": n for reason, n in self.refused.items()},
-            "other_node_answers": self.other_node_answers,
-            "get_retries": self.get_retries,
-            "put_latency_last": self.put_latency.last,
-            "put_latency_total": self.put_latency.total,
-            "put_latency_max": self.put_latency.max,
-            "get_latency_last": self.get_latency.last,
-            "get_latency_total": self.get_latency.total,
-            "get_latency_max": self.get_latency.max,
-            "peers": peers,
-        }
-
-
-class _BadRequest(Exception):
-    """A request we do not answer (wrong argument types); logged at debug."""
-
-
-def is_node_id(value: object) -> bool:
-    """Is ``value`` a kademlia node id or key (20 bytes)?"""
-    return isinstance(value, bytes) and len(value) == _ID_BYTES
 
 
 def _checked_id(value: object, what: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) != _ID_BYTES:
-        raise _BadRequest(f"{what} is not {_ID_BYTES} bytes")
-    return value
-
-
-def _claimed_id(request: object) -> bytes | None:
-    """The node id a request names as its sender (its first argument), if it names one."""
-    if not (isinstance(request, list) and len(request) == 2 and isinstance(request[1], list)):
-        return None
-    args = request[1]
-    return bytes(args[0]) if args and is_node_id(args[0]) else None
-
-
-def record_chunks(bindings: Bindings) -> list[bytes]:
-    """Records of at most MAX_RECORD_BYTES that together carry ``bindings``."""
-    if not bindings:
-        return []
-    try:
-        return [encode_record(bindings)]
-    except RecordTooLarge:
-        if len(bindings) == 1:
-            log.warning("binding of %s too large for one record; not sent", bindings[0].aor)
-            return []
-        half = len(bindings) // 2
-        return record_chunks(bindings[:half]) + record_chunks(bindings[half:])
+    if not is_node_id(value):
+        raise BadRequest(f"{what} is not 20 bytes")
+    return value  # type: ignore[return-value]
 
 
 class NoStorage(IStorage):  # type: ignore[misc]
@@ -205,9 +118,9 @@ class NoStorage(IStorage):  # type: ignore[misc]
         return iter(())
 
 
-class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
-    """kademlia's protocol for members only, with merged, verified values and defensive
-    request handling."""
+class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
+    """kademlia's protocol for members only, with merged, verified values, sessions,
+    overload tolerance and replication by key range (see the module docstring)."""
 
     def __init__(
         self,
@@ -223,6 +136,9 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         rpc_timeout: float,
         dead_ttl: float,
         hedge: bool,
+        welcome_delay: float = DEFAULT_WELCOME_DELAY,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+        sessions: bool = True,
     ) -> None:
         if bytes(source_node.id) != member.node_id:
             raise ValueError("the node id is not the one bound to the site key and salt")
@@ -230,193 +146,33 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         self._wait_timeout = rpc_timeout  # rpcudp's per-RPC timeout
         self._member = member
         self._trust = trust  # asked at every datagram: never copy keys out of it
+        self._sessions = Sessions(member, trust)
+        self._use_sessions = sessions
         self._store = store
         self._clock = clock
         self._stats = stats
         self._spawn = spawn
         self._dead_ttl = dead_ttl
-        # address -> (loop time it timed out, the contact): see is_dead and dead_near
-        self._dead: dict[Address, tuple[float, Node]] = {}
-        self._expect: dict[bytes, tuple[str, bytes | None]] = {}  # msg id -> (rpc, node id)
-        self._refusals = RefusalLog()
-        self._closed = False
+        self._dead = DeadContacts(probe_after=max(dead_ttl, 1.0))
+        self.index = KeyIndex()  # the keys the store holds, by id (replication)
+        self._init_endpoint(rpc_timeout, max_requests)
         self._family = socket.AF_INET
-        self._signatures: dict[str, inspect.Signature] = {}
         self._hedge = hedge
         self._rtts: deque[float] = deque(maxlen=_RTT_SAMPLES)  # of recent answered RPCs
         self._welcomed: dict[bytes, float] = {}  # node id -> loop time we replicated to it
+        self._welcome_delay = welcome_delay
+        self._pending: dict[bytes, tuple[float, Node]] = {}  # node id -> (due, contact)
+        self._confirming: set[bytes] = set()
 
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            self._family = sock.family
+    def _alive(self, address: Address) -> None:
+        self._dead.clear(address)
 
-    # -- receiving ---------------------------------------------------------------------
+    def _answered_by(self, node_id: bytes, address: Address) -> None:
+        self._welcome(Node(node_id, address[0], address[1]), served=True)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        # Membership first, synchronously: a non-member costs no task, and nothing it
-        # sends changes any state but the refusal counters.
-        if self._closed:
-            return
-        address = (addr[0], addr[1])
-        sender = self._admit(data, address)
-        if sender is not None:
-            self._dead.pop(address, None)  # a member: it is alive after all
-            self._spawn(self._dispatch(sender, address))
-
-    async def _solve_datagram(self, datagram: bytes, address: Any) -> None:
-        # rpcudp's datagram_received calls this; ours admits and dispatches itself.
-        sender = self._admit(datagram, (address[0], address[1]))
-        if sender is not None:
-            await self._dispatch(sender, (address[0], address[1]))
-
-    def _admit(self, data: bytes, address: Address) -> Sender | None:
-        try:
-            return open_datagram(data, self._trust, self._clock())
-        except NotAMember as exc:
-            self._refuse(exc.reason, address, exc.key_id)
-            return None
-
-    def _refuse(self, reason: Refusal, address: Address, key_id: str | None) -> None:
-        self._stats.refused[reason] += 1
-        key = "" if key_id is None else f" {key_id}"
-        detail = f"{reason.text}{key} from {address[0]}:{address[1]}"
-        line = self._refusals.note(self._now(), detail)
-        if line is not None:
-            log.warning("%s", line)
-
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    async def _dispatch(self, sender: Sender, address: Address) -> None:
-        datagram = sender.datagram
-        if len(datagram) < 22:
-            log.debug("datagram of %d bytes from %s ignored", len(datagram), address)
-            return
-        msg_id = datagram[1:21]
-        try:
-            data = umsgpack.unpackb(datagram[21:])
-        except _UNPACK_ERRORS as exc:
-            log.debug("undecodable datagram from %s: %r", address, exc)
-            return
-        if datagram[:1] == b"\x00":
-            claimed = _claimed_id(data)
-            if claimed is not None and claimed != sender.node_id:
-                # A request naming another node id than its proof is bound to.
-                self._refuse(Refusal.WRONG_NODE_ID, address, sender.key_id)
-                return
-            await self._accept_request(msg_id, data, address)
-        elif datagram[:1] == b"\x01":
-            if self._from_whom_we_asked(msg_id, data, sender, address):
-                self._accept_response(msg_id, data, address)
-        else:
-            log.debug("datagram of unknown kind from %s ignored", address)
-
-    def _from_whom_we_asked(
-        self, msg_id: bytes, data: Any, sender: Sender, address: Address
-    ) -> bool:
-        """Is this answer from the node id we asked (and a ping answer naming its own id)?
-
-        If not (a node restarted with a new id at the same address, or a peer that listed
-        a made-up contact), the call fails at once, without a dead mark for the address,
-        and the node that did answer is a contact like any member that writes to us.
-        """
-        expected = self._expect.pop(msg_id, None)
-        if expected is None:
-            return True  # late or unknown: _accept_response drops it
-        rpc, node_id = expected
-        if (node_id is None or node_id == sender.node_id) and (
-            rpc != "ping" or data == sender.node_id
-        ):
-            return True
-        self._stats.other_node_answers += 1
-        log.debug("answer to %s from %s is from another node id", rpc, address)
-        entry = self._outstanding.pop(msg_id, None)
-        if entry is not None:
-            future, timer = entry
-            timer.cancel()
-            if not future.done():
-                future.set_result((False, _OTHER_NODE))
-        self.welcome_if_new(Node(sender.node_id, address[0], address[1]))
-        return False
-
-    def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
-        entry = self._outstanding.pop(msg_id, None)
-        if entry is None:  # usually an answer that came after its timeout
-            log.debug("late or unknown response from %s ignored", address)
-            return
-        future, timer = entry
-        timer.cancel()
-        if not future.done():
-            future.set_result((True, data))
-
-    async def _accept_request(self, msg_id: bytes, data: Any, address: Any) -> None:
-        if not (
-            isinstance(data, list)
-            and len(data) == 2
-            and data[0] in _RPC_NAMES
-            and isinstance(data[1], list)
-        ):
-            log.debug("malformed request from %s ignored", address)
-            return
-        name, args = data
-        func = getattr(self, f"rpc_{name}")
-        signature = self._signatures.get(name)
-        if signature is None:
-            signature = self._signatures[name] = inspect.signature(func)
-        try:
-            signature.bind(address, *args)
-        except TypeError:
-            log.debug("rpc_%s from %s with %d arguments ignored", name, address, len(args))
-            return
-        try:
-            response = func(address, *args)
-            if inspect.isawaitable(response):
-                response = await response
-        except _BadRequest as exc:
-            log.debug("rpc_%s from %s ignored: %s", name, address, exc)
-            return
-        if not self._closed:
-            self._send(b"\x01" + msg_id + umsgpack.packb(response), address)
-
-    def _timeout(self, msg_id: bytes) -> None:
-        self._stats.rpc_timeouts += 1
-        self._expect.pop(msg_id, None)
-        entry = self._outstanding.pop(msg_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result((False, None))
-
-    # -- sending -----------------------------------------------------------------------
-
-    def _send(self, datagram: bytes, address: Address) -> None:
-        """Send an rpcudp datagram, sealed with our proof of membership."""
-        self.transport.sendto(self._member.seal(datagram, self._clock()), address)
-
-    def _request(
-        self, address: Address, rpc: str, args: tuple[Any, ...], expect: bytes | None
-    ) -> asyncio.Future[tuple[bool, Any]]:
-        """rpcudp's stub, sealed, remembering whom we asked: the future's result is
-        (True, answer) or (False, None) after ``rpc_timeout``. ``expect``: the node id
-        that must answer (None: any member; a ping answer must name the sender's id)."""
-        msg_id = os.urandom(20)
-        payload = umsgpack.packb([rpc, args])
-        if len(payload) > WIRE_LIMIT:  # rpcudp's limit: peers' stubs refuse larger ones
-            raise MalformedMessage(f"an RPC of {len(payload)} bytes is over {WIRE_LIMIT}")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-        self._send(b"\x00" + msg_id + payload, address)
-        timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
-        self._outstanding[msg_id] = (future, timer)
-        self._expect[msg_id] = (rpc, expect)
-        return future
-
-    async def ping_address(self, address: Address) -> bytes | None:
-        """The node id of the member answering a ping at ``address``, or None."""
-        if self._closed:
-            return None
-        ok, node_id = await self._request(address, "ping", (self.source_node.id,), None)
-        return bytes(node_id) if ok and is_node_id(node_id) else None
+    @property
+    def welcomes_pending(self) -> int:
+        return len(self._pending)
 
     # -- RPC handlers ------------------------------------------------------------------
 
@@ -437,14 +193,15 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         except RecordStoreError as exc:
             log.warning("cannot store record for key %s: %s", dkey.hex(), exc)
             return False
+        if result.held:
+            self.index.add(dkey, self._now())
         return result.ok
 
     def rpc_find_node(self, sender: Any, nodeid: object, key: object) -> list[tuple[Any, ...]]:
         source = self._source(sender, nodeid)
         dkey = _checked_id(key, "key")
         self.welcome_if_new(source)
-        neighbors = self.router.find_neighbors(Node(dkey), exclude=source)
-        return [tuple(n) for n in neighbors]
+        return self._neighbors_answer(Node(dkey), source)
 
     async def rpc_find_value(self, sender: Any, nodeid: object, key: object) -> Any:
         source = self._source(sender, nodeid)
@@ -456,8 +213,13 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
                 return {"value": encode_record(held, max_bytes=MAX_HELD_BYTES)}
         except (RecordStoreError, RecordError) as exc:
             log.warning("cannot read record for key %s: %s", dkey.hex(), exc)
-        neighbors = self.router.find_neighbors(Node(dkey), exclude=source)
-        return [tuple(n) for n in neighbors]
+        return self._neighbors_answer(Node(dkey), source)
+
+    def _neighbors_answer(self, target: Node, source: Node) -> list[tuple[Any, ...]]:
+        # Known-dead contacts are left out: others must not re-learn them from us.
+        found = self.router.find_neighbors(target, k=self.router.ksize * 2, exclude=source)
+        alive = [tuple(n) for n in found if (n.ip, n.port) not in self._dead]
+        return alive[: self.router.ksize]
 
     # -- calling -----------------------------------------------------------------------
 
@@ -477,17 +239,12 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def live_neighbors(self, target: Node) -> list[Node]:
         """The k closest contacts to ``target`` in the routing table, known-dead ones left out."""
-        return [n for n in self.router.find_neighbors(target) if not self.is_dead((n.ip, n.port))]
+        found = self.router.find_neighbors(target, k=self.router.ksize * 2)
+        return [n for n in found if (n.ip, n.port) not in self._dead][: self.router.ksize]
 
     def is_dead(self, address: Address) -> bool:
-        """Did ``address`` time out less than ``dead_ttl`` ago (with nothing heard since)?"""
-        entry = self._dead.get(address)
-        if entry is None:
-            return False
-        if self._now() - entry[0] < self._dead_ttl:
-            return True
-        del self._dead[address]
-        return False
+        """Did ``address`` time out (with nothing heard from it since)?"""
+        return address in self._dead
 
     def dead_near(self, target: Node) -> list[Node]:
         """The k known-dead contacts closest to ``target``, nearest first.
@@ -495,38 +252,51 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         They may be back (a partition healed, say): a lookup that missed records retries
         with them re-admitted (``DhtNode.get``), so they are remembered, not just marked.
         """
-        horizon = self._now() - self._dead_ttl
-        dead = [node for since, node in self._dead.values() if since > horizon]
-        return sorted(dead, key=lambda n: n.distance_to(target))[: self.router.ksize]
+        return self._dead.near(target.long_id, self.router.ksize)
 
     def forget_dead(self, address: Address) -> None:
         """Let calls to ``address`` go out again (it times out again if still dead)."""
-        self._dead.pop(address, None)
+        self._dead.clear(address)
 
-    def _mark_dead(self, node: Node) -> None:
-        address = (node.ip, node.port)
-        self._dead.pop(address, None)  # re-inserted: the dict stays oldest first
-        if len(self._dead) >= _MAX_DEAD:
-            self._dead.pop(next(iter(self._dead)))
-        self._dead[address] = (self._now(), node)
+    def dead_contacts(self) -> list[Node]:
+        return list(self._dead.contacts())
 
     async def _call(self, node: Node, rpc: str, *args: Any) -> tuple[bool, Any]:
         address = (node.ip, node.port)
-        if self._closed:
-            return (False, None)
-        if self.is_dead(address):
-            self._forget_contact(node)
+        if self._closed or address in self._dead:
             return (False, None)
         sent = self._now()
         future = self._request(address, rpc, (self.source_node.id, *args), bytes(node.id))
-        result = await future
-        if result[0]:
+        ok, answer = await future
+        if ok:
+            if answer == BUSY:
+                self._stats.busy_answers += 1  # alive, but loaded: no mark
+                return (False, None)
             self._rtts.append(self._now() - sent)
-        elif result[1] is _OTHER_NODE:
-            result = (False, None)  # someone else lives there now: no dead mark
-        elif not self._closed:
-            self._mark_dead(node)
-        return self.handle_call_response(result, node)
+        elif answer is OTHER_NODE or answer is LAGGED or self._closed:
+            return (False, None)  # someone else lives there now, or we were late: no mark
+        else:
+            self._suspect(node)
+            return (False, None)
+        return self.handle_call_response((True, answer), node)
+
+    def _suspect(self, node: Node) -> None:
+        """A real timeout: lookups skip ``node`` from now on; a slower ping decides
+        whether it leaves the routing table."""
+        self._dead.mark(node, self._now())
+        if node.id not in self._confirming:
+            self.spawn_background(self._confirm(node))
+
+    async def _confirm(self, node: Node) -> None:
+        self._confirming.add(node.id)
+        try:
+            address = (node.ip, node.port)
+            wait = max(4 * self._wait_timeout, 1.0)
+            ok, answer = await self._request(address, "ping", (self.source_node.id,), node.id, wait)
+            if not ok and answer is None and address in self._dead:
+                self._forget_contact(node)  # dead after all: out of the routing table
+        finally:
+            self._confirming.discard(node.id)
 
     def patience(self) -> float:
         """How long a lookup waits for one answer before asking someone else meanwhile:
@@ -564,22 +334,26 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         return True
 
     def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
-        # kademlia's, without a warning per timeout: under churn that floods the log.
-        if not result[0]:
-            self._forget_contact(node)
-        else:
-            self.welcome_if_new(node)
+        # kademlia's, without a warning per timeout and without eviction on the first
+        # one (see _suspect): an answer makes the node a contact that serves.
+        if result[0]:
+            self._welcome(node, served=True)
         return result
 
     def _forget_contact(self, node: Node) -> None:
         """Take ``node`` out of the routing table, unless the table holds its id at another
         address: a made-up contact (a real id at a wrong address, listed by a peer) must
-        not evict the real one (kademlia removes by id)."""
+        not evict the real one (kademlia removes by id). Dead contacts waiting in the
+        bucket's replacement cache go first, so that none of them takes its place."""
         index = self.router.get_bucket_for(node)
         if index is None:  # kademlia's get_bucket_for misses the very last id
             return
-        held = self.router.buckets[index][node.id]
+        bucket = self.router.buckets[index]
+        held = bucket[node.id]
         if held is None or (held.ip, held.port) == (node.ip, node.port):
+            for waiting_id, waiting in list(bucket.replacement_nodes.items()):
+                if (waiting.ip, waiting.port) in self._dead:
+                    del bucket.replacement_nodes[waiting_id]
             self.router.remove_contact(node)
 
     def parse_nodes(self, payload: object) -> list[Node]:
@@ -587,76 +361,128 @@ class NodeProtocol(KademliaProtocol):  # type: ignore[misc]
         lookup decides about those)."""
         if not isinstance(payload, list):
             return []
+        family = self._family
         nodes = []
-        for entry in payload[:_MAX_NODES_IN_ANSWER]:
+        for entry in payload[:MAX_NODES_IN_ANSWER]:
             if not (isinstance(entry, list | tuple) and len(entry) == 3):
                 continue
             node_id, ip, port = entry
             if not is_node_id(node_id) or node_id == self.source_node.id:
                 continue
-            if type(port) is not int or not 0 < port < 65536 or not isinstance(ip, str):
-                continue
-            try:  # never a hostname: sendto would resolve it, blocking the event loop
-                version = ipaddress.ip_address(ip).version
-            except ValueError:
-                continue
-            if version != (6 if self._family == socket.AF_INET6 else 4):
+            if type(port) is not int or not 0 < port < 65536 or not valid_ip(ip, family):
                 continue
             nodes.append(Node(node_id, ip, port))
         return nodes
 
-    # -- membership --------------------------------------------------------------------
+    # -- new contacts and replication (Kademlia paper §2.5) -------------------------------
 
     def welcome_if_new(self, node: Node) -> None:
-        """Add ``node`` to the routing table; if new, send it the records it should hold.
+        """A node asked us something: a contact, replicated to later if it serves."""
+        self._welcome(node, served=False)
 
-        kademlia 2.2.3 computes ``digest(key)`` here although stored keys already are
-        digests, so it compared distances to the wrong point. Paper §2.5: we send a record
-        when the new node is among the k closest to its key and we are the closest.
+    def _welcome(self, node: Node, *, served: bool) -> None:
+        """Add ``node`` to the routing table; if it entered a bucket (not just the
+        replacement cache), it gets the records it should hold: at once if it answered
+        one of our RPCs (``served``), after ``welcome_delay`` and a ping if it only asked.
+
+        kademlia 2.2.3 computed ``digest(key)`` here although stored keys already are
+        digests, and it scanned every stored record for every new contact.
         """
         if self._closed or node.id == self.source_node.id or not self.router.is_new_node(node):
             return
-        log.debug("new contact %s", node)
-        # A node in a full bucket stays "new" (it waits in the replacement cache), so
-        # remember whom we replicated to: one scan of the store per node per dead_ttl.
-        now = asyncio.get_running_loop().time()
-        if now - self._welcomed.get(node.id, -math.inf) >= self._dead_ttl:
-            self._welcomed[node.id] = now
-            self._spawn(self._replicate_to(node))
         self.router.add_contact(node)
+        if self.router.is_new_node(node):
+            return  # waiting in the replacement cache: not a contact yet
+        log.debug("new contact %s", node)
+        now = self._now()
+        if now - self._welcomed.get(node.id, -math.inf) < self._dead_ttl:
+            return
+        if served:
+            self._welcomed[node.id] = now
+            self.spawn_background(self._replicate_to(node, ping_first=False))
+        elif len(self._pending) < _MAX_PENDING_WELCOMES:
+            self._pending.setdefault(node.id, (now + self._welcome_delay, node))
 
-    async def _replicate_to(self, node: Node) -> None:
+    def maintain(self) -> None:
+        """Called every fraction of a second by the node: replicate to the contacts whose
+        welcome delay is over, and probe a few contacts marked dead long ago."""
+        if self._closed:
+            return
+        now = self._now()
+        due = [(i, n) for i, (t, n) in self._pending.items() if t <= now][:_WELCOMES_PER_TICK]
+        for node_id, node in due:
+            del self._pending[node_id]
+            if self.router.is_new_node(node) or (node.ip, node.port) in self._dead:
+                continue  # gone meanwhile (a lookup client that closed, say)
+            if now - self._welcomed.get(node_id, -math.inf) >= self._dead_ttl:
+                self._welcomed[node_id] = now
+                self.spawn_background(self._replicate_to(node, ping_first=True))
+        for node in self._dead.to_probe(now, _PROBES_PER_TICK):
+            self.spawn_background(self.ping_address((node.ip, node.port)))
+
+    def keys_for(self, node: Node) -> list[bytes]:
+        """The indexed keys ``node`` should now be sent by us: it is among the k closest
+        nodes we know of to the key, and we are the closest. Looks only at the keys in
+        the id block around ``node`` that its k-th closest known node spans
+        (:mod:`dht_adaptor.keyspace`); counts them in ``replication_examined``."""
+        ksize = self.router.ksize
+        around = self.router.find_neighbors(node, k=ksize, exclude=node)
+        distances = sorted(
+            [n.distance_to(node) for n in around] + [self.source_node.distance_to(node)]
+        )
+        bits = ID_BITS if len(distances) <= ksize else block_bits(distances[ksize - 1])
+        wanted = []
+        for key in self.index.in_block(node.id, bits):
+            self._stats.replication_examined += 1
+            keynode = Node(key)  # the key is the digest already
+            neighbors = self.router.find_neighbors(keynode, exclude=node)
+            if neighbors:
+                farthest = neighbors[-1].distance_to(keynode)
+                new_close = len(neighbors) < ksize or node.distance_to(keynode) < farthest
+                nearest = neighbors[0].distance_to(keynode)
+                if not (new_close and self.source_node.distance_to(keynode) < nearest):
+                    continue
+            wanted.append(key)
+        return wanted
+
+    async def _replicate_to(self, node: Node, *, ping_first: bool) -> None:
+        keys = self.keys_for(node)
+        if not keys:
+            return
+        if ping_first:
+            ok, _ = await self.call_ping(node)
+            if not ok:
+                return
         try:
-            async for key, bindings in self._store.items(self._clock()):
-                keynode = Node(key)  # the key is the digest already
-                neighbors = self.router.find_neighbors(keynode, exclude=node)
-                if neighbors:
-                    farthest = neighbors[-1].distance_to(keynode)
-                    new_close = len(neighbors) < self.router.ksize or (
-                        node.distance_to(keynode) < farthest
-                    )
-                    nearest = neighbors[0].distance_to(keynode)
-                    we_closest = self.source_node.distance_to(keynode) < nearest
-                    if not (new_close and we_closest):
-                        continue
-                await self.send_record(node, key, record_chunks(bindings))
+            for key in keys:
+                bindings = await self._store.get(key, self._clock())
+                if not bindings:
+                    self.index.discard(key)  # expired or no longer trusted
+                elif not await self.send_record(node, key, record_chunks(bindings)):
+                    return  # it stopped answering: the rest would fail too
         except RecordStoreError as exc:
             log.warning("cannot replicate to %s: %s", node, exc)
 
     def prune(self) -> None:
-        """Forget dead marks and replication times older than ``dead_ttl``; log the
-        refused datagrams not logged yet."""
+        """Forget replication times older than ``dead_ttl`` and sessions of keys no longer
+        trusted; log the refused datagrams not logged yet."""
         now = self._now()
         horizon = now - self._dead_ttl
-        self._dead = {a: entry for a, entry in self._dead.items() if entry[0] >= horizon}
         self._welcomed = {n: since for n, since in self._welcomed.items() if since >= horizon}
+        self._sessions.forget_untrusted()
         line = self._refusals.flush(now)
         if line is not None:
             log.warning("%s", line)
 
+    @property
+    def sessions_made(self) -> int:
+        return self._sessions.made
+
     def shutdown(self) -> None:
         """Stop answering; every RPC still waiting fails now instead of at its timeout."""
         self._closed = True
+        if self._beat is not None:
+            self._beat.cancel()
         for future, timer in self._outstanding.values():
             timer.cancel()
             if not future.done():

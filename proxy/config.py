@@ -147,6 +147,17 @@ class Config:
     max_expires: int = 7200
     default_expires: int = 3600
     max_contacts: int = 10
+    # Phones behind NAT. RFC 5626 §4.4.1 Flow-Timer for phones registered with outbound
+    # over UDP: they send a STUN keep-alive every 80-100% of it, so 48-60 s, well inside
+    # the 2 minutes a NAT must keep a UDP mapping (RFC 4787 REQ-5), even with one lost.
+    # (Over TCP/TLS the Flow-Timer is 90% of tcp_idle_timeout.)
+    flow_timer: int = 60
+    # Phones without outbound: the proxy sends an OPTIONS to each UDP binding's flow this
+    # often (like Kamailio's nathelper), keeping its NAT pinhole open, and removes the
+    # binding after three unanswered in a row; 0 turns it off. 30 s: under the shortest
+    # UDP mapping timeouts common in home routers and Linux conntrack (30 s for a flow
+    # seen one way), while an OPTIONS and its answer per phone every 30 s costs little.
+    nat_keepalive_interval: float = 30.0
     # Transaction timers (RFC 3261 §17) and transport limits
     t1: float = 0.5
     t2: float = 4.0
@@ -235,6 +246,13 @@ def _float(v: Any, name: str) -> float:
     return x
 
 
+def _float_or_zero(v: Any, name: str) -> float:
+    """Seconds, where 0 turns the thing off."""
+    if v in (0, "0"):
+        return 0.0
+    return _float(v, name)
+
+
 def _domain(v: Any, name: str) -> str:
     d = _str(v, name).strip().lower()
     if any(c in d for c in " /@:;<>") or d.startswith("."):
@@ -274,6 +292,8 @@ _SCALARS: dict[str, Any] = {
     "max_expires": _int,
     "default_expires": _int,
     "max_contacts": _int,
+    "flow_timer": _int,
+    "nat_keepalive_interval": lambda v, n: _float_or_zero(v, n),
     "t1": _float,
     "t2": _float,
     "t4": _float,
@@ -418,6 +438,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("default_expires must lie between min_expires and max_expires")
     if cfg.max_contacts < 1:
         raise ConfigError("max_contacts must be at least 1")
+    if not 10 <= cfg.flow_timer <= 3600:
+        raise ConfigError("flow_timer must lie between 10 and 3600 seconds")
+    if 0 < cfg.nat_keepalive_interval < 1:
+        raise ConfigError("nat_keepalive_interval must be 0 (off) or at least 1 second")
     if not cfg.digest_algorithms or len(set(cfg.digest_algorithms)) != len(cfg.digest_algorithms):
         raise ConfigError("digest_algorithms must name MD5 and/or SHA-256, each once")
     for name in ("auth_max_failures", "flood_max_requests", "max_tcp_per_address",

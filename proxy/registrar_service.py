@@ -109,7 +109,7 @@ class RegistrarService:
                 source=str(stx.flow), to_tag=stx.to_tag, addressed_to_me=to_me,
             )  # fmt: skip
             if outcome.bindings is not None:
-                await self._save(aor, current, outcome.bindings, now)
+                await self._save(aor, current, outcome.bindings, now, outbound=outcome.outbound)
         if outcome.response.status == 200:
             self._counters.registers_ok += 1
             if outcome.bindings is None:
@@ -117,9 +117,16 @@ class RegistrarService:
         self._transactions.respond(stx, outcome.response)
 
     async def _save(
-        self, aor: str, current: Sequence[Binding], new: Sequence[Binding], now: float
+        self,
+        aor: str,
+        current: Sequence[Binding],
+        new: Sequence[Binding],
+        now: float,
+        *,
+        outbound: str | None = None,
     ) -> None:
         """Store the AOR's new bindings (the caller holds its lock) and publish them.
+        ``outbound``: the contact just registered with RFC 5626 outbound.
 
         Signed and size-checked before the store is written: a record that cannot fit
         the DHT is refused now (403) rather than lost later.
@@ -127,14 +134,18 @@ class RegistrarService:
         publisher = self._publisher
         prepared = publisher.prepare(aor, new) if publisher is not None else None
         await self._store.save(aor, new, now)
-        self._directory.note(aor, current, new)
+        self._directory.note(aor, current, new, outbound=outbound)
         if prepared is not None and publisher is not None:
             publisher.publish(prepared)
         _log_change(aor, current, new, now)
 
-    async def remove(self, aor: str, contact: str | None = None) -> int:
+    async def remove(
+        self, aor: str, contact: str | None = None, *, source: str | None = None
+    ) -> int:
         """Drop the binding of ``contact`` (every binding when None) of ``aor``: from the
         local store, and from the DHT with tombstones. Returns how many bindings went.
+        ``source``: only while the binding is still the one registered over that flow
+        (the NAT keep-alives remove what they found dead, never a newer registration).
 
         Raises the store's LocationError. The phone is unreachable until it registers
         again (a phone refreshing its registration comes back, as after an expiry).
@@ -142,7 +153,12 @@ class RegistrarService:
         now = self._clock()
         async with self._locked(aor):
             current = await self._store.load(aor, now)
-            kept = tuple(b for b in current if contact is not None and b.contact != contact)
+            kept = tuple(
+                b
+                for b in current
+                if contact is not None
+                and (b.contact != contact or (source is not None and b.source != source))
+            )
             removed = len(current) - len(kept)
             if removed:
                 await self._save(aor, current, kept, now)

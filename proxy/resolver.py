@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .sip.errors import ServiceUnavailable, SipError, UnsupportedUriScheme
 from .sip.headers import parse_name_addr
+from .sip.registrar import FlowFailed
 from .sip.uri import SipUri
 from .transport import Flow
 
@@ -52,6 +53,14 @@ class Resolver:
         if not isinstance(uri, SipUri):
             raise UnsupportedUriScheme(f"cannot reach a {uri.scheme} contact")
         return await self.via_flow(source, uri)
+
+    def outbound_flow(self, source: str) -> Flow:
+        """RFC 5626 §5.3: a binding registered with outbound is reached over the flow it
+        registered on, or not at all (430): never by connecting to its Contact."""
+        flow = Flow.parse(source)
+        if flow.reliable and not self._has_connection(flow.host, flow.port):
+            raise FlowFailed(f"the connection {source} is gone")
+        return flow
 
     async def via_flow(self, source: str | None, uri: SipUri) -> Flow:
         """The phone's own flow when we hold one (NAT-safe, RFC 5626 spirit), else the URI."""

@@ -42,7 +42,7 @@ from .sip.forwarding import (
 )
 from .sip.headers import parse_name_addr
 from .sip.message import Request, Response, make_response
-from .sip.registrar import contact_key
+from .sip.registrar import FlowFailed, contact_key
 from .sip.tokens import DIALOG_PARAM, ProxyTokens
 from .sip.uri import SipUri, TelUri, aor_of
 from .sites import SiteDirectory
@@ -288,19 +288,27 @@ class Router:
 
     async def _local_targets(self, aor: str, stx: ServerTx) -> list[Target]:
         bindings = await self._directory.lookup(aor)
+        chosen, failed = self._directory.select(bindings)
         targets = []
-        for b in sorted(bindings, key=lambda b: -b.q):
+        for b in sorted(chosen, key=lambda b: -b.q):
             try:
                 flow = await self._flow_for_binding(b)
             except SipError as exc:
+                failed += isinstance(exc, FlowFailed)
                 log.info("skipping binding %s of %s: %s", b.contact, aor, exc)
                 continue
             targets.append(Target(b.contact, flow, b.path))
+        if failed and not targets:
+            # RFC 5626 §5.3: the phone's flow is gone; it registers again over a new one.
+            self._counters.flow_failed += 1
+            raise FlowFailed(f"the outbound flow of every binding of {aor} has failed")
         if bindings and not targets:
             raise TemporarilyUnavailable(f"no binding of {aor} can be reached")
         return targets
 
     async def _flow_for_binding(self, b: Binding) -> Flow:
+        if self._directory.is_outbound(b):
+            return self._resolver.outbound_flow(b.source)  # with its Path, if any
         if not b.path:
             return await self._resolver.flow_for_contact(b.contact, b.source)
         # RFC 3327 §5.3: a binding registered through proxies is reached through them.

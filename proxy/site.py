@@ -44,11 +44,12 @@ from .admin_services import SiteServices
 from .auth_gate import AuthGate
 from .config import Config, tls_listen_of
 from .dht_routing import DhtRouter
-from .directory import LocalDirectory
+from .directory import FLOW_GRACE, LocalDirectory
 from .flood import FloodGuard
 from .forker import Forker
 from .location import LocationError, LocationStore
 from .lockout import AuthLockout
+from .nat_keepalive import NatKeepalive
 from .overload import OverloadControl
 from .registrar_service import RegistrarService
 from .relay_auth import RelayVerifier
@@ -296,6 +297,7 @@ class Site:
     services: SiteServices
     sites: SiteDirectory
     prober: SiteProber
+    nat_keepalive: NatKeepalive | None
     _jobs: Tasks = field(repr=False)
     _closing: contextlib.AsyncExitStack = field(repr=False)
 
@@ -308,6 +310,8 @@ class Site:
         self.server.serve()
         self.adaptor.start()
         self._jobs.spawn(self.prober.run())
+        if self.nat_keepalive is not None:
+            self._jobs.spawn(self.nat_keepalive.run())
         await self.registrar.republish_all()
 
     def stats(self) -> dict[str, float]:
@@ -360,6 +364,10 @@ async def build_site(
         stack.push_async_callback(users.close)
 
         counters = SipCounters()
+        # Told by the transport which flows end (RFC 5626 outbound: 430 for their phones).
+        directory = LocalDirectory(
+            store, users, clock, udp_flow_timeout=config.flow_timer + FLOW_GRACE
+        )
         transport = TransportLayer(
             idle_timeout=config.tcp_idle_timeout, partial_timeout=config.tcp_partial_timeout,
             flood=FloodGuard(
@@ -370,7 +378,7 @@ async def build_site(
                 lambda: len(transactions.server_txs),  # bound below, called once serving
             ),
             counters=counters, max_tcp_per_address=config.max_tcp_per_address,
-            max_tcp_connections=config.max_tcp_connections,
+            max_tcp_connections=config.max_tcp_connections, flow_events=directory,
         )  # fmt: skip
         listen = config.sip_listen
         try:
@@ -414,12 +422,13 @@ async def build_site(
             ),
             required=config.users_file is not None,
         )  # fmt: skip
-        directory = LocalDirectory(store, users, clock)
         registrar = RegistrarService(
             RegistrarConfig(
                 domains=config.domains, min_expires=config.min_expires,
                 max_expires=config.max_expires, default_expires=config.default_expires,
-                max_contacts=config.max_contacts,
+                max_contacts=config.max_contacts, flow_timer_udp=config.flow_timer,
+                # A CRLF keep-alive every 80-100% of it comes before the idle timeout.
+                flow_timer_stream=max(1, int(config.tcp_idle_timeout * 0.9)),
             ),
             identity=me, directory=directory, transactions=transactions, auth=auth,
             publisher=adaptor, counters=counters, clock=clock,
@@ -461,11 +470,18 @@ async def build_site(
             sites, transactions, resolver, me,
             clock=clock, interval=config.site_probe_interval, timeout=config.home_timeout,
         )  # fmt: skip
+        keepalive = None
+        if config.nat_keepalive_interval:
+            keepalive = NatKeepalive(
+                directory, transactions, registrar, me, counters,
+                interval=config.nat_keepalive_interval, clock=clock,
+            )  # fmt: skip
         jobs = Tasks("site job")
         stack.push_async_callback(jobs.close)
         site = Site(
             config, me, counters, store, users, auth, registrar, router, server,
-            node, key, adaptor, dht, services, sites, prober, jobs, stack.pop_all(),
+            node, key, adaptor, dht, services, sites, prober, keepalive, jobs,
+            stack.pop_all(),
         )  # fmt: skip
         return site
     raise AssertionError("unreachable")  # the stack re-raises what failed

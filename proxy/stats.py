@@ -39,6 +39,10 @@ class SipCounters:
     tcp_refused: int = 0  # connections reset at once: over a cap, or a blocked source
     tcp_partial_timeouts: int = 0  # connections closed before completing a message
     resources_exhausted: int = 0  # out of file descriptors or memory (accept, connect)
+    # Phones behind NAT (RFC 5626 outbound, proxy.nat_keepalive).
+    flow_failed: int = 0  # requests answered 430: every outbound flow of the AOR failed
+    nat_keepalives_sent: int = 0  # OPTIONS pings to UDP bindings without outbound
+    nat_bindings_removed: int = 0  # bindings whose phone missed three pings in a row
 
     def request(self, method: str) -> None:
         self.requests_received[method] += 1

@@ -7,9 +7,12 @@ rpcudp's ``RPCProtocol``, kademlia's ``KademliaProtocol`` and ``Server``, and ca
 rpcudp's ``_outstanding`` table, so its framing and limits are checked on ours.) A
 renamed method would not fail loudly: our override would simply stop being called and
 the engine's default (5 s timeouts, untracked tasks, tracebacks for bad datagrams) would
-come back. So every name we override or rely on is checked here, with the parameter
-names we use, and each failure says which part of our code to re-check. The versions are pinned in
-pyproject.toml; :data:`REVIEWED` is what this contract was checked against.
+come back. (Since issue 11 the datagram half of NodeProtocol is the ``Endpoint`` mixin of
+``dht_adaptor/endpoint.py``, and datagrams are packed with the compiled ``msgpack``,
+not rpcudp's umsgpack: rpcudp still needs umsgpack, so its pin stays.) So every name we
+override or rely on is checked here, with the parameter names we use, and each failure
+says which part of our code to re-check. The versions are pinned in pyproject.toml;
+:data:`REVIEWED` is what this contract was checked against.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import umsgpack
 from hypothesis import example, given
 from hypothesis import strategies as st
 from kademlia.network import Server
@@ -37,15 +39,17 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.routing import KBucket, RoutingTable
 from kademlia.storage import IStorage
 from kademlia.utils import digest
-from rpcudp.exceptions import MalformedMessage
 from rpcudp.protocol import RPCProtocol
 
+from dht_adaptor.endpoint import RpcTooLarge
 from dht_adaptor.keys import SiteKey, TrustStore
-from dht_adaptor.membership import Member, open_datagram
+from dht_adaptor.membership import Member
 from dht_adaptor.node import NodeServer
 from dht_adaptor.protocol import _RPC_NAMES, _UNPACK_ERRORS, DhtStats, NodeProtocol, NoStorage
 from dht_adaptor.record import MAX_RECORD_BYTES, WIRE_LIMIT, dht_key
 from dht_adaptor.record_store import MemoryRecordStore
+from dht_adaptor.session import Sessions
+from dht_adaptor.wire import pack, unpack
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # pins in pyproject.toml together.
 REVIEWED = {"kademlia": "2.2.3", "rpcudp": "5.0.1", "u-msgpack-python": "2.8.0"}
 
-PROTO = "dht_adaptor/protocol.py"
+PROTO = "dht_adaptor/protocol.py (and endpoint.py)"
 LOOKUP = "dht_adaptor/lookup.py"
 NODE = "dht_adaptor/node.py"
 
@@ -186,7 +190,10 @@ def test_overridden_names_exist_with_our_parameters(
     assert params(getattr(engine, name)) == expected, (
         f"{where}{inspect.signature(getattr(engine, name))} changed: re-check {recheck}"
     )
-    assert name in vars(ours), f"{ours.__name__}.{name} no longer overrides {where}"
+    owner = next(c for c in ours.__mro__ if name in vars(c))
+    assert owner.__module__.startswith("dht_adaptor."), (
+        f"{ours.__name__}.{name} no longer overrides {where}"
+    )
     assert params(getattr(ours, name)) == expected, (
         f"{ours.__name__}.{name} no longer takes {where}'s parameters {expected}"
     )
@@ -223,7 +230,7 @@ CALLED: list[tuple[Callable[..., Any], list[str], str]] = [
     (Server.listen, ["port", "interface"], f"DhtNode.listen in {NODE} (interface=host)"),
     (Server.stop, [], f"DhtNode.close in {NODE}"),
     (RoutingTable.find_neighbors, ["node", "k", "exclude"],
-     f"NodeProtocol.live_neighbors, rpc_find_node, rpc_find_value, _replicate_to in {PROTO}; "
+     f"NodeProtocol.live_neighbors, _neighbors_answer, keys_for in {PROTO} (k keyword); "
      f"NodeServer._refresh_table in {NODE} (k positional)"),
     (RoutingTable.remove_contact, ["node"], f"NodeProtocol._forget_contact in {PROTO}"),
     (RoutingTable.get_bucket_for, ["node"], f"NodeProtocol._forget_contact in {PROTO}"),
@@ -239,9 +246,6 @@ CALLED: list[tuple[Callable[..., Any], list[str], str]] = [
     (NodeHeap.remove, ["peers"], f"IterativeLookup._set_aside in {LOOKUP}"),
     (NodeHeap.mark_contacted, ["node"], f"IterativeLookup.run in {LOOKUP}"),
     (NodeHeap.get_uncontacted, [], f"IterativeLookup.run in {LOOKUP}"),
-    (umsgpack.packb, ["obj", "options"],
-     f"NodeProtocol._accept_request and _request in {PROTO}"),
-    (umsgpack.unpackb, ["s", "options"], f"NodeProtocol._dispatch in {PROTO}"),
 ]  # fmt: skip
 
 
@@ -266,15 +270,14 @@ def test_routing_table_pings_through_our_call_ping() -> None:
     )
 
 
-def test_umsgpack_errors_and_types() -> None:
-    assert issubclass(umsgpack.UnpackException, Exception), f"re-check _UNPACK_ERRORS in {PROTO}"
-    # rpcudp packs args as a tuple: _accept_request expects them back as a list.
-    packed = umsgpack.packb(["store", (b"\x01" * 20, b"k", b"v")])
-    assert umsgpack.unpackb(packed) == ["store", [b"\x01" * 20, b"k", b"v"]], (
-        f"umsgpack no longer unpacks arrays to lists or keeps bytes: re-check "
-        f"NodeProtocol._accept_request and parse_nodes in {PROTO}"
+def test_msgpack_errors_and_types() -> None:
+    # rpcudp packs args as a tuple: _request_received expects them back as a list.
+    packed = pack(["store", (b"\x01" * 20, b"k", b"v")])
+    assert unpack(packed) == ["store", [b"\x01" * 20, b"k", b"v"]], (
+        f"msgpack no longer unpacks arrays to lists or keeps bytes: re-check "
+        f"NodeProtocol._request_received and parse_nodes in {PROTO}"
     )
-    assert umsgpack.unpackb(umsgpack.packb({"value": b"v"})) == {"value": b"v"}, (
+    assert unpack(pack({"value": b"v"})) == {"value": b"v"}, (
         f"re-check rpc_find_value in {PROTO} and IterativeLookup.run in {LOOKUP}"
     )
 
@@ -285,11 +288,26 @@ def test_umsgpack_errors_and_types() -> None:
 @example(b"\x81\x90\x01")  # map with an unhashable key
 @example(b"\xd9\x05ab")  # truncated str
 @example(b"\xa2\xff\xfe")  # str that is not UTF-8
-def test_umsgpack_fails_only_with_the_errors_we_catch(data: bytes) -> None:
-    # Any other exception fails the test: add it to _UNPACK_ERRORS in protocol.py, or an
-    # attacker's datagram raises inside a task.
+@example(b"\x91" * 5000)  # nested too deeply
+def test_msgpack_fails_only_with_the_errors_we_catch(data: bytes) -> None:
+    # Any other exception fails the test: add it to wire.UNPACK_ERRORS, or an attacker's
+    # datagram raises inside datagram_received.
     with contextlib.suppress(*_UNPACK_ERRORS):
-        umsgpack.unpackb(data)
+        unpack(data)
+
+
+def test_a_full_bucket_keeps_newcomers_in_its_replacement_cache() -> None:
+    # NodeProtocol._welcome tells "in a bucket" from "waiting" with is_new_node after
+    # add_contact; _forget_contact drops dead contacts from replacement_nodes.
+    bucket = KBucket(0, 2**160, 1)
+    held, waiting = (Node(bytes([i] * 20), "192.0.2.1", 5000 + i) for i in (1, 2))
+    assert bucket.add_node(held) and not bucket.add_node(waiting)
+    assert dict(bucket.replacement_nodes) == {waiting.id: waiting}, (
+        f"KBucket.replacement_nodes changed: NodeProtocol._forget_contact in {PROTO}"
+    )
+    assert bucket.is_new_node(waiting) and not bucket.is_new_node(held), (
+        f"a waiting node no longer counts as new: NodeProtocol._welcome in {PROTO}"
+    )
 
 
 def test_dht_key_is_kademlias_digest() -> None:
@@ -390,7 +408,7 @@ def test_a_protocol_is_bound_to_its_members_node_id() -> None:
 
 def inner(sent: bytes) -> bytes:
     """The rpcudp datagram inside one we sent (which must be sealed by a member)."""
-    return open_datagram(sent, TRUST, NOW).datagram
+    return Sessions(Member(SITE, b"c" * 8), TRUST).open(sent, NOW).datagram
 
 
 async def test_request_wire_format_and_answer() -> None:
@@ -405,7 +423,7 @@ async def test_request_wire_format_and_answer() -> None:
     plain = inner(request)
     msg_id = plain[1:21]
     assert to == ADDR_B and plain[:1] == b"\x00", f"re-check _dispatch in {PROTO}"
-    assert umsgpack.unpackb(plain[21:]) == ["ping", [A]], (
+    assert unpack(plain[21:]) == ["ping", [A]], (
         f"rpcudp's request framing changed: re-check _request/_accept_request in {PROTO}"
     )
     entry = a._outstanding[msg_id]
@@ -413,7 +431,7 @@ async def test_request_wire_format_and_answer() -> None:
     b.datagram_received(request, ADDR_A)
     await spawn.settle()
     [(answer, back)] = tb.sent
-    assert back == ADDR_A and inner(answer) == b"\x01" + msg_id + umsgpack.packb(B)
+    assert back == ADDR_A and inner(answer) == b"\x01" + msg_id + pack(B)
     a.datagram_received(answer, ADDR_B)
     assert await asyncio.wait_for(pinging, 1.0) == B
     assert a._outstanding == {} and entry[1].cancelled()
@@ -438,7 +456,7 @@ async def test_request_size_limit_fits_a_record() -> None:
     record = b"x" * MAX_RECORD_BYTES
     protocol._request(ADDR_B, "store", (A, B, record), B).cancel()
     assert len(transport.sent) == 1, "a store of MAX_RECORD_BYTES no longer fits WIRE_LIMIT"
-    with pytest.raises(MalformedMessage):
+    with pytest.raises(RpcTooLarge):
         protocol._request(ADDR_B, "store", (A, B, b"x" * WIRE_LIMIT), B)
     protocol.shutdown()
     await spawn.close()

@@ -1,5 +1,7 @@
 """After a partition heals, a record written on the far side during the cut is found at
-once, not after the dead-contact marks expire (``dead_ttl``, 30 s).
+once, not after the dead-contact marks are probed. During the cut, a get that finds
+nothing from fewer nodes than the read quorum says "unknown" (DhtUnavailable: the
+proxy's 503), never "nobody": the user may be registered on the far side (issue 11).
 
 An in-process overlay of eight nodes on loopback, cut in two halves by making each node
 drop the datagrams it sends to the other half. During the cut a reader on the left sees
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from dht_adaptor.errors import DhtUnavailable
 from dht_adaptor.keys import SiteKey, TrustStore, sign_binding
 from dht_adaptor.node import DhtNode
 from dht_adaptor.record import dht_key, new_binding
@@ -80,7 +83,8 @@ async def halves() -> AsyncIterator[tuple[list[DhtNode], list[DhtNode], Cut, Sit
 
 async def look_around(node: DhtNode) -> None:
     """A lookup that meets the far side's silence, then time for its RPCs to time out."""
-    await node.get("sip:nobody@example.com")
+    with pytest.raises(DhtUnavailable):  # half the closest nodes are silent: unknown
+        await node.get("sip:nobody@example.com")
     await asyncio.sleep(RPC_TIMEOUT * 2)
 
 
@@ -126,11 +130,14 @@ async def test_no_retry_while_nothing_is_known_dead(
 async def test_a_get_during_the_cut_retries_once_and_ends(
     halves: tuple[list[DhtNode], list[DhtNode], Cut, SiteKey],
 ) -> None:
-    # While the far side is really gone, the retry costs one more lookup, not more.
+    # While the far side is really gone, the retry costs one more lookup, not more, and
+    # "nobody" from half the nodes is not believed.
     left, _, cut, _ = halves
     cut.down = True
     await look_around(left[0])
     started = time.monotonic()
-    assert await left[0].get("sip:nobody@example.com") == ()
-    assert left[0].stats()["get_retries"] == 1
+    with pytest.raises(DhtUnavailable, match="needed to say there is none"):
+        await left[0].get("sip:nobody@example.com")
+    assert left[0].stats()["get_retries"] == 1  # (look_around had nothing marked dead yet)
+    assert left[0].stats()["gets_unknown"] == 2
     assert time.monotonic() - started < 5 * RPC_TIMEOUT

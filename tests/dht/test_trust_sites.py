@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dht_adaptor.errors import DhtError
+from dht_adaptor.errors import DhtError, DhtRejected
 from dht_adaptor.keys import SiteKey, rotate, sign_binding
 from dht_adaptor.record import DhtBinding, new_binding
 from dht_adaptor.trust_folder import public_pem
@@ -121,7 +121,8 @@ async def test_a_site_scoped_to_a_cannot_publish_for_b(federation: Federation) -
     before = oslo.node.stats()
     # paris publishes for both domains (a rogue or misconfigured site: the attack itself).
     await paris.node.put(ALICE_A, [binding(paris, ALICE_A, "sip:alice@192.0.2.1")])
-    await paris.node.put(BOB_B, [binding(paris, BOB_B, "sip:bob@192.0.2.2")])
+    with pytest.raises(DhtRejected):  # oslo refused it: only paris's own copy (1 of 2)
+        await paris.node.put(BOB_B, [binding(paris, BOB_B, "sip:bob@192.0.2.2")])
 
     assert await contacts(oslo, ALICE_A) == {"sip:alice@192.0.2.1"}
     assert await contacts(oslo, BOB_B) == set()  # paris's own node still serves it: refused
