@@ -9,6 +9,13 @@ every change to :meth:`DhtAdaptor.prepare` and :meth:`DhtAdaptor.publish`:
   refused with a clear 403 instead of being lost later.
 * ``publish`` queues the record; a background worker writes it to the overlay and retries
   failures with backoff, so a DHT outage never delays or loses a REGISTER.
+* **Stored means replicated** (issue 11): a write the overlay acknowledged with fewer
+  copies than it should hold (``Stored.complete`` false: the write quorum was met, not
+  all k copies) stays queued and is written again after the retry delays, up to
+  ``len(retry_delays)`` times, until every close node holds it. At most ``max_writes``
+  writes are in flight: the node queues puts beyond its own limit, so a burst of
+  REGISTERs waits in ``backlog`` (one entry per AOR, the latest record) instead of
+  flooding the overlay.
 
 A refresh REGISTER that changes nothing but the expiry is not written until half of the
 lifetime last written is spent (issue: "does not write to the DHT until half the record's
@@ -67,6 +74,7 @@ class AdaptorStats:
     puts_ok: int = 0
     puts_failed: int = 0
     puts_skipped: int = 0  # refreshes that changed nothing the overlay needs yet
+    puts_repaired: int = 0  # writes again of a record held by fewer copies than wanted
     gets_ok: int = 0
     gets_failed: int = 0
 
@@ -75,6 +83,7 @@ class AdaptorStats:
             "dht_puts_ok": self.puts_ok,
             "dht_puts_failed": self.puts_failed,
             "dht_puts_skipped": self.puts_skipped,
+            "dht_puts_repaired": self.puts_repaired,
             "dht_gets_ok": self.gets_ok,
             "dht_gets_failed": self.gets_failed,
         }
@@ -121,6 +130,7 @@ class DhtAdaptor:
         republish_interval: float = 600.0,
         retry_delays: Sequence[float] = RETRY_DELAYS,
         lookup_timeout: float = 3.0,
+        max_writes: int = 32,
     ) -> None:
         self.overlay = overlay
         self.key = key
@@ -131,6 +141,8 @@ class DhtAdaptor:
         self.republish_interval = republish_interval
         self.retry_delays = tuple(retry_delays)
         self.lookup_timeout = lookup_timeout
+        self.max_writes = max(1, max_writes)
+        self._repairs: dict[str, int] = {}  # aor -> writes made to complete its copies
         self._latency_watchers: list[LatencyObserver] = []
         self.stats = AdaptorStats()
         self._published: dict[str, _Published] = {}
@@ -203,6 +215,7 @@ class DhtAdaptor:
             return
         self._dirty[prepared.aor] = prepared
         self._attempts.pop(prepared.aor, None)
+        self._repairs.pop(prepared.aor, None)
         self._wake.set()
 
     def forget(self, aor: str) -> None:
@@ -280,7 +293,7 @@ class DhtAdaptor:
             now_loop = loop.time()
             due = [a for a in self._dirty if next_due.get(a, 0.0) <= now_loop]
             if due:
-                await asyncio.gather(*(self._write(a, next_due) for a in due[:64]))
+                await asyncio.gather(*(self._write(a, next_due) for a in due[: self.max_writes]))
                 continue
             if self.clock() - last_republish >= min(60.0, self.republish_interval / 10):
                 last_republish = self.clock()
@@ -333,8 +346,16 @@ class DhtAdaptor:
         self._observe("put", timer, True)
         next_due.pop(aor, None)
         self._attempts.pop(aor, None)
-        if self._dirty.get(aor) is prepared:
-            del self._dirty[aor]
+        repairs = self._repairs.get(aor, 0)
+        if not getattr(stored, "complete", True) and repairs < len(self.retry_delays):
+            # Acknowledged, but not every close node holds it yet: write it again later.
+            self._repairs[aor] = repairs + 1
+            self.stats.puts_repaired += 1
+            next_due[aor] = asyncio.get_running_loop().time() + self.retry_delays[repairs]
+        else:
+            self._repairs.pop(aor, None)
+            if self._dirty.get(aor) is prepared:
+                del self._dirty[aor]
         entry = self._published.setdefault(aor, _Published())
         entry.written_at = started
         entry.lifetime = max((b.expires_at - started for b in prepared.bindings), default=0.0)

@@ -47,7 +47,7 @@ from kademlia.storage import IStorage
 from dht_adaptor.contacts import DeadContacts
 from dht_adaptor.endpoint import BUSY, LAGGED, OTHER_NODE, BadRequest, Endpoint, Spawn
 from dht_adaptor.keys import TrustStore
-from dht_adaptor.keyspace import ID_BITS, KeyIndex, block_bits
+from dht_adaptor.keyspace import ID_BITS, KeyIndex, block_bits, hole_bits
 from dht_adaptor.membership import Member
 from dht_adaptor.record import DhtBinding, RecordError, encode_record
 from dht_adaptor.record_store import MAX_HELD_BYTES, RecordStore, RecordStoreError
@@ -423,16 +423,22 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
     def keys_for(self, node: Node) -> list[bytes]:
         """The indexed keys ``node`` should now be sent by us: it is among the k closest
         nodes we know of to the key, and we are the closest. Looks only at the keys in
-        the id block around ``node`` that its k-th closest known node spans
-        (:mod:`dht_adaptor.keyspace`); counts them in ``replication_examined``."""
+        the id block around ``node`` that its k-th closest known node spans, less those
+        near us that it cannot need (:mod:`dht_adaptor.keyspace`); counts them in
+        ``replication_examined``."""
         ksize = self.router.ksize
+        me = self.source_node
         around = self.router.find_neighbors(node, k=ksize, exclude=node)
-        distances = sorted(
-            [n.distance_to(node) for n in around] + [self.source_node.distance_to(node)]
-        )
+        distances = sorted([n.distance_to(node) for n in around] + [me.distance_to(node)])
         bits = ID_BITS if len(distances) <= ksize else block_bits(distances[ksize - 1])
+        mine = self.router.find_neighbors(me, k=ksize, exclude=node)
+        hole = -1
+        if len(mine) >= ksize:
+            rho = max(n.distance_to(me) for n in mine)
+            hole = hole_bits(me.distance_to(node), rho)
+        candidates = self.index.in_block(node.id, bits, me.id, hole)
         wanted = []
-        for key in self.index.in_block(node.id, bits):
+        for key in candidates:
             self._stats.replication_examined += 1
             keynode = Node(key)  # the key is the digest already
             neighbors = self.router.find_neighbors(keynode, exclude=node)

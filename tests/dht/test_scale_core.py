@@ -1,0 +1,234 @@
+"""Issue 11, the DHT core: replication that costs what it moves, stored means replicated,
+sessions that keep membership's guarantees, and timeouts of our own lateness.
+
+Counts, never timings: how many keys a node looked at, how many users were found.
+``asyncio.wait_for`` only guards against hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from kademlia.node import Node
+
+from dht_adaptor.adaptor import DhtAdaptor
+from dht_adaptor.keys import SiteKey, TrustStore
+from dht_adaptor.membership import Member
+from dht_adaptor.node import DhtNode
+from dht_adaptor.quorum import Quorum
+from dht_adaptor.record_store import MemoryRecordStore
+from dht_adaptor.session import Sessions
+from proxy.sip.binding import Binding
+
+HANG_GUARD = 30.0
+
+
+@pytest.fixture
+def keys() -> tuple[SiteKey, SiteKey, SiteKey]:
+    return SiteKey.generate(), SiteKey.generate(), SiteKey.generate()
+
+
+# -- replication by key range ---------------------------------------------------------
+
+
+def near(center: bytes, bits: int, rng: random.Random) -> bytes:
+    """A random id sharing ``center``'s top ``160 - bits`` bits."""
+    value = int.from_bytes(center, "big")
+    return (((value >> bits) << bits) | rng.getrandbits(bits)).to_bytes(20, "big")
+
+
+async def test_a_new_contact_costs_the_keys_near_it_not_every_key_held() -> None:
+    # A node of a large overlay: its routing table knows its neighbourhood well and the
+    # rest of the id space sparsely, and it holds the records of keys near its own id
+    # (10,000 of them). Contacts arrive anywhere.
+    key = SiteKey.generate()
+    trust = TrustStore({key.key_id: key.public_bytes})
+    node = DhtNode(MemoryRecordStore(trust), trust, key=key, ksize=8)
+    await node.listen("127.0.0.1", 0)
+    try:
+        protocol = node._protocol
+        me = node.node_id
+        rng = random.Random(11)
+        ids = [rng.randbytes(20) for _ in range(300)] + [near(me, 150, rng) for _ in range(40)]
+        for i, node_id in enumerate(ids):
+            protocol.router.add_contact(Node(node_id, "127.0.0.1", 20000 + i))
+        held = [near(me, 152, rng) for _ in range(10_000)]
+        for k in held:
+            protocol.index.add(k)
+
+        def examine(newcomer: Node) -> tuple[int, list[bytes]]:
+            protocol.router.add_contact(newcomer)
+            before = node.stats()["replication_examined"]
+            chosen = protocol.keys_for(newcomer)
+            protocol.router.remove_contact(newcomer)
+            return int(node.stats()["replication_examined"] - before), chosen
+
+        # 100 contacts anywhere: none of them is near the keys we hold.
+        total = 0
+        for n in range(100):
+            examined, chosen = examine(Node(rng.randbytes(20), "127.0.0.1", 19000 + n))
+            total += examined
+            assert not chosen
+        assert total < len(held) // 100, f"{total} keys examined for 100 contacts"
+        # A newcomer in our own neighbourhood looks at a share of what we hold: the keys
+        # it should now hold too (and we send those for which we are the closest).
+        close = [examine(Node(near(me, 148, rng), "127.0.0.1", 18000 + n)) for n in range(20)]
+        assert all(len(chosen) <= examined < len(held) for examined, chosen in close)
+        assert sum(len(chosen) for _, chosen in close) > 0  # (and some are sent)
+    finally:
+        await node.close()
+
+
+async def test_a_lookup_client_that_left_is_sent_nothing(keys: tuple[SiteKey, ...]) -> None:
+    paris = keys[0]
+    trust = TrustStore({paris.key_id: paris.public_bytes})
+    server = DhtNode(MemoryRecordStore(trust), trust, key=paris, welcome_delay=0.2)
+    await server.listen("127.0.0.1", 0)
+    client = DhtNode(MemoryRecordStore(trust), trust, key=paris)
+    try:
+        for i in range(50):  # records the server holds, any of which the client could get
+            k = random.Random(i).randbytes(20)
+            server._protocol.index.add(k)
+        await client.listen("127.0.0.1", 0)
+        await client.bootstrap([server.address])
+        assert await client.get("sip:nobody@example.com") == ()
+        await client.close()
+        await asyncio.sleep(1.5)  # the welcome delay and its ping's timeout (0.5 s)
+        stats = server.stats()
+        assert stats["repairs"] == 0  # nothing sent to a client that only asked
+        assert stats["welcomes_pending"] == 0
+        assert server._protocol.is_dead(client.address)  # its ping timed out
+    finally:
+        await client.close()
+        await server.close()
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+
+def test_sessions_set_up_with_one_signature_each_way_then_mac(keys: tuple[SiteKey, ...]) -> None:
+    paris, tokyo, _ = keys
+    trust = TrustStore({k.key_id: k.public_bytes for k in (paris, tokyo)})
+    a, b = Sessions(Member(paris, b"a" * 8), trust), Sessions(Member(tokyo, b"b" * 8), trust)
+    here, there = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    now = time.time()
+    first = a.seal(b"\x00request", now, b.member.node_id, there)
+    assert first[:2] == b"P2"  # signed, offering a session
+    assert b.open(first, now, here).node_id == a.member.node_id
+    answer = b.seal(b"\x01answer", now, a.member.node_id, here)
+    assert answer[:2] == b"P2"  # b knows a's key, a does not know b's yet
+    assert a.open(answer, now, there).datagram == b"\x01answer"
+    second = a.seal(b"\x00again", now, b.member.node_id, there)
+    assert second[:2] == b"P3" and len(second) < len(first)  # a MAC from now on
+    opened = b.open(second, now, here)
+    assert (opened.node_id, opened.datagram) == (a.member.node_id, b"\x00again")
+    assert b.seal(b"\x01x", now, a.member.node_id, here)[:2] == b"P3"
+    forged = second[:30] + bytes([second[30] ^ 1]) + second[31:]
+    with pytest.raises(Exception, match="bad signature"):
+        b.open(forged, now, here)
+    # Another address for the same node id (a made-up contact): no MAC sent there.
+    assert a.seal(b"\x00x", now, b.member.node_id, ("127.0.0.1", 3))[:2] == b"P2"
+
+
+def test_a_removed_key_kills_its_sessions_at_once(keys: tuple[SiteKey, ...]) -> None:
+    paris, tokyo, _ = keys
+    trust = TrustStore({k.key_id: k.public_bytes for k in (paris, tokyo)})
+    a, b = Sessions(Member(paris, b"a" * 8), trust), Sessions(Member(tokyo, b"b" * 8), trust)
+    here, there = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    now = time.time()
+    b.open(a.seal(b"\x00r", now, b.member.node_id, there), now, here)
+    a.open(b.seal(b"\x01a", now, a.member.node_id, here), now, there)
+    mac = a.seal(b"\x00r", now, b.member.node_id, there)
+    assert mac[:2] == b"P3" and b.open(mac, now, here).datagram == b"\x00r"
+    trust.replace([t for t in trust.entries() if t.key_id != paris.key_id])
+    with pytest.raises(Exception, match="untrusted key"):
+        b.open(mac, now, here)
+    assert b.seal(b"\x01x", now, a.member.node_id, here)[:2] == b"P2"  # session gone
+
+
+# -- quorums ----------------------------------------------------------------------------
+
+
+def test_quorums() -> None:
+    assert Quorum.of(8, 3, 500) == Quorum(8, 3, 6)  # R + W > n: reads meet every write
+    assert Quorum.of(8, 3, 2) == Quorum(2, 2, 1)
+    assert Quorum.of(8, 3, 1) == Quorum(1, 1, 1)
+
+
+# -- a burst of registrations, then nodes holding copies die ---------------------------
+
+NODES = 14
+SITES = 3
+AORS = 200
+
+
+@pytest.fixture
+async def overlay(keys: tuple[SiteKey, ...]) -> AsyncIterator[list[DhtNode]]:
+    trust = TrustStore({k.key_id: k.public_bytes for k in keys})
+    nodes: list[DhtNode] = []
+    try:
+        for i in range(NODES):
+            node = DhtNode(MemoryRecordStore(trust), trust, key=keys[i % SITES], rpc_timeout=0.5)
+            await node.listen("127.0.0.1", 0)
+            if nodes:
+                await node.bootstrap([nodes[0].address])
+            nodes.append(node)
+        await asyncio.gather(*(n.bootstrap([nodes[-1].address]) for n in nodes))
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+async def test_a_burst_then_dead_holders_and_every_user_is_found(
+    overlay: list[DhtNode], keys: tuple[SiteKey, ...]
+) -> None:
+    adaptors = [
+        DhtAdaptor(overlay[i], keys[i], site_id=f"site{i}", home=f"sip:10.0.0.{i}:5060",
+                   retry_delays=(0.2, 0.5, 1.0))
+        for i in range(SITES)
+    ]  # fmt: skip
+    now = time.time()
+    for adaptor in adaptors:
+        adaptor.start()
+    try:
+        for n in range(AORS):
+            aor = f"sip:user{n}@example.com"
+            site = n % SITES
+            contact = f"sip:user{n}@192.0.2.{site}:5060"
+            bindings = [Binding(aor=aor, contact=contact, expires_at=now + 600)]
+            adaptors[site].publish(adaptors[site].prepare(aor, bindings))
+        for adaptor in adaptors:
+            assert await adaptor.flush(HANG_GUARD), f"backlog {adaptor.backlog}"
+        holders = [await n.stored_count() for n in overlay]
+        assert sum(holders) >= AORS * 8 * 0.95  # (almost) every record has its 8 copies
+
+        # Kill the nodes holding the most copies (never a site's own node).
+        victims = sorted(range(SITES, NODES), key=lambda i: -holders[i])[: NODES // 5]
+        for i in victims:
+            await overlay[i].close()
+        readers = [n for i, n in enumerate(overlay) if i not in victims]
+
+        async def find(n: int) -> bool:
+            aor = f"sip:user{n}@example.com"
+            reader = readers[n % len(readers)]
+            for _ in range(3):  # "unknown" is retried, as the proxy's 503 would be
+                try:
+                    found = await asyncio.wait_for(reader.get(aor), HANG_GUARD)
+                except Exception:
+                    await asyncio.sleep(0.5)
+                    continue
+                return [b.contact for b in found] == [f"sip:user{n}@192.0.2.{n % SITES}:5060"]
+            return False
+
+        results = []
+        for start in range(0, AORS, 20):
+            results += await asyncio.gather(*(find(n) for n in range(start, start + 20)))
+        assert sum(results) == AORS, f"{AORS - sum(results)} users not found"
+    finally:
+        for adaptor in adaptors:
+            await adaptor.close()
