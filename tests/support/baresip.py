@@ -47,8 +47,16 @@ class Baresip:
         bind_ip: str = "127.0.0.6",
         commands: tuple[str, ...] = (),
         lifetime: int = 30,
+        tls: bool = False,
+        cafile: Path | None = None,
     ) -> None:
-        """``aor`` like ``sip:alice@localhost``; ``proxy`` the outbound proxy host:port."""
+        """``aor`` like ``sip:alice@localhost``; ``proxy`` the outbound proxy host:port.
+
+        ``tls``: register and call over TLS (``proxy`` is then the TLS port), trusting
+        the CAs in ``cafile``. baresip 1.0 takes the proxy's certificate without
+        checking it (libre 1.x has no verification switch); the file is loaded all the
+        same, and a bad one stops it.
+        """
         self.dir = workdir / f"baresip-{aor.split(':')[1].split('@')[0]}"
         self.dir.mkdir(parents=True, exist_ok=True)
         port = free_port(bind_ip)
@@ -61,11 +69,14 @@ class Baresip:
             f"module_path\t{MODULES}\n"
             "module\tg711.so\nmodule\taufile.so\n"
             "module_app\taccount.so\nmodule_app\tmenu.so\n"
+            + (f"sip_cafile\t{cafile}\n" if cafile is not None else "")
         )
         user = aor.split(":")[1].split("@")[0]
+        transport = "tls" if tls else "udp"
+        route = ";transport=tls" if tls else ""
         (self.dir / "accounts").write_text(
-            f"<{aor};transport=udp>;auth_user={user};auth_pass={password};"
-            f'outbound="sip:{proxy};lr";regint=300\n'
+            f"<{aor};transport={transport}>;auth_user={user};auth_pass={password};"
+            f'outbound="sip:{proxy}{route};lr";regint=300\n'
         )
         args = ["baresip", "-f", str(self.dir), "-t", str(lifetime)]
         for command in commands:

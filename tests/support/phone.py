@@ -38,7 +38,7 @@ from typing import IO, Any, Literal
 import pytest
 
 AGENT = Path(__file__).with_name("phone_agent.py")
-Transport = Literal["udp", "tcp"]
+Transport = Literal["udp", "tcp", "tls"]
 Event = dict[str, Any]
 PhoneFactory = Callable[..., "Phone"]
 
@@ -70,6 +70,10 @@ class Phone:
         log_level: int | None = None,
         start_timeout: float = START_TIMEOUT,
         command_prefix: Sequence[str] = (),
+        outbound: bool = False,
+        tls_ca: str | None = None,
+        tls_verify: bool = False,
+        sips: bool = False,
     ) -> None:
         """Start the phone; its SIP transport listens on an ephemeral port of bind_ip.
 
@@ -78,10 +82,19 @@ class Phone:
         wait for a 408 over UDP. ``log_level`` is pjsua's (0-6; default 1, or
         ``$P2PSIP_PHONE_LOG_LEVEL``). ``command_prefix`` goes in front of the agent's
         command line, e.g. ``["ip", "netns", "exec", "NS"]`` to run it in a namespace
-        (whose ``bind_ip`` it then binds).
+        (whose ``bind_ip`` it then binds). ``outbound`` makes it register with RFC 5626
+        outbound (``Supported: outbound``, ``+sip.instance`` and ``reg-id=1``).
+
+        Over ``"tls"``, ``tls_ca`` is a PEM file of the CAs the phone trusts and
+        ``tls_verify`` makes it refuse a proxy whose certificate they do not vouch for
+        (for its address); without it the phone takes any certificate, as many do.
+        ``sips`` (TLS only) makes it speak SIPS (RFC 5630): ``sips:`` proxy and Contact,
+        where it would write ``sip:...;transport=tls``.
         """
-        if transport not in ("udp", "tcp"):
-            raise ValueError(f"transport must be 'udp' or 'tcp', not {transport!r}")
+        if sips and transport != "tls":
+            raise ValueError("sips needs transport='tls'")
+        if transport not in ("udp", "tcp", "tls"):
+            raise ValueError(f"transport must be 'udp', 'tcp' or 'tls', not {transport!r}")
         self.name = name
         self.transport: Transport = transport
         self.bind_ip = bind_ip
@@ -114,8 +127,16 @@ class Phone:
         ]
         if t1_ms:
             cmd += ["--t1-ms", str(t1_ms)]
+        if tls_ca:
+            cmd += ["--tls-ca", tls_ca]
+        if tls_verify:
+            cmd.append("--tls-verify")
+        if sips:
+            cmd.append("--sips")
         if not auto_ringing:
             cmd.append("--no-auto-ringing")
+        if outbound:
+            cmd.append("--outbound")
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -151,7 +172,7 @@ class Phone:
     @property
     def uri(self) -> str:
         """Where to reach this phone directly, without any proxy."""
-        tp = ";transport=tcp" if self.transport == "tcp" else ""
+        tp = "" if self.transport == "udp" else f";transport={self.transport}"
         return f"sip:{self.name}@{self.bind_ip}:{self.port}{tp}"
 
     # -- registration ---------------------------------------------------------

@@ -25,6 +25,7 @@ import selectors
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -170,8 +171,15 @@ class Agent:
         self.out = out
         self.name: str = args.name
         self.transport: str = args.transport
+        self.tls_ca: str | None = args.tls_ca
+        self.tls_verify: bool = args.tls_verify
+        self.sips: bool = args.sips
         self.bind_ip: str = args.bind_ip
         self.auto_ringing: bool = args.auto_ringing
+        # RFC 5626: an instance id of this phone's own (pjsua's default is made from the
+        # host name, the same for every phone of a test).
+        self.outbound: bool = args.outbound
+        self.instance = f"<urn:uuid:{uuid.uuid4()}>"
         self.calls: dict[int, PhoneCall] = {}
         self.finished: list[int] = []
         self._next_handle = 1
@@ -198,7 +206,14 @@ class Agent:
         tcfg.port = 0
         tcfg.boundAddress = self.bind_ip
         tcfg.publicAddress = self.bind_ip
-        tp_type = pj.PJSIP_TRANSPORT_TCP if self.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
+        tp_type = {
+            "tcp": pj.PJSIP_TRANSPORT_TCP,
+            "tls": pj.PJSIP_TRANSPORT_TLS,
+        }.get(self.transport, pj.PJSIP_TRANSPORT_UDP)
+        if self.transport == "tls":
+            if self.tls_ca:
+                tcfg.tlsConfig.CaListFile = self.tls_ca
+            tcfg.tlsConfig.verifyServer = self.tls_verify
         self.transport_id: int = self.ep.transportCreate(tp_type, tcfg)
         self.ep.libStart()
         self.ep.audDevManager().setNullDev()
@@ -212,7 +227,12 @@ class Agent:
     # -- accounts -------------------------------------------------------------
 
     def _tp_param(self) -> str:
-        return ";transport=tcp" if self.transport == "tcp" else ""
+        return "" if self.transport == "udp" else f";transport={self.transport}"
+
+    def _proxy_uri(self, proxy: str, params: str = "") -> str:
+        if self.sips:
+            return f"sips:{proxy}{params}"
+        return f"sip:{proxy}{params}{self._tp_param()}"
 
     def _create_account(self, reg: Registration | None) -> PhoneAccount:
         acfg = pj.AccountConfig()
@@ -220,24 +240,32 @@ class Agent:
             acfg.idUri = f"sip:{self.name}@{self.bind_ip}:{self.port}{self._tp_param()}"
         else:
             acfg.idUri = f"sip:{reg.user}@{reg.domain}"
-            acfg.regConfig.registrarUri = reg.registrar or f"sip:{reg.proxy}{self._tp_param()}"
+            acfg.regConfig.registrarUri = reg.registrar or self._proxy_uri(reg.proxy)
             acfg.regConfig.timeoutSec = reg.expires
             acfg.regConfig.retryIntervalSec = 0  # report failures, never retry behind our back
             acfg.regConfig.registerOnAdd = True
-            acfg.sipConfig.proxies.append(f"sip:{reg.proxy};lr{self._tp_param()}")
+            acfg.sipConfig.proxies.append(self._proxy_uri(reg.proxy, ";lr"))
+            if self.sips:
+                # pjsua writes sip:...;transport=TLS Contacts (PJSUA_SECURE_SCHEME); a
+                # pjsua2 callee of a sips: call wants a sips: one (RFC 5630), else 480.
+                contact = f"<sips:{reg.user}@{self.bind_ip}:{self.port}>"
+                acfg.sipConfig.contactForced = contact
             if reg.password is not None:
                 acfg.sipConfig.authCreds.append(
                     pj.AuthCredInfo("digest", "*", reg.user, 0, reg.password)
                 )
         acfg.sipConfig.transportId = self.transport_id
         # Loopback tests want the Contact/Via the phone was configured with: no NAT
-        # rewriting, no RFC 5626 outbound, and the listening port (not the ephemeral
-        # TCP source port) in the Contact.
+        # rewriting, no RFC 5626 outbound unless asked for (--outbound), and the
+        # listening port (not the ephemeral TCP source port) in the Contact.
         nat = acfg.natConfig
         nat.contactRewriteUse = 0
         nat.viaRewriteUse = 0
         nat.sdpNatRewriteUse = 0
-        nat.sipOutboundUse = 0
+        nat.sipOutboundUse = int(self.outbound)
+        if self.outbound:
+            nat.sipOutboundInstanceId = self.instance
+            nat.sipOutboundRegId = "1"
         nat.contactUseSrcPort = 0
         nat.iceEnabled = False
         nat.turnEnabled = False
@@ -438,11 +466,15 @@ class CommandReader:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--transport", choices=("udp", "tcp"), default="udp")
+    parser.add_argument("--transport", choices=("udp", "tcp", "tls"), default="udp")
+    parser.add_argument("--tls-ca", default=None, help="PEM file of trusted CAs (TLS)")
+    parser.add_argument("--tls-verify", action="store_true", help="check the proxy (TLS)")
+    parser.add_argument("--sips", action="store_true", help="sips: proxy and Contact (TLS)")
     parser.add_argument("--bind-ip", default="127.0.0.1")
     parser.add_argument("--log-level", type=int, default=1)
     parser.add_argument("--t1-ms", type=int, default=0)
     parser.add_argument("--no-auto-ringing", dest="auto_ringing", action="store_false")
+    parser.add_argument("--outbound", action="store_true", help="register with RFC 5626")
     return parser.parse_args(argv)
 
 
