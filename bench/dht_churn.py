@@ -12,7 +12,10 @@ Configs:
   dht-0.5s       DhtNode, rpc_timeout 0.5 s, no hedging
   dht-0.5s+hedge DhtNode defaults: rpc_timeout 0.5 s, stragglers set aside after a few RTTs
 
-Run:  .venv/bin/python bench/dht_churn.py [--nodes 40] [--ops 20] [--configs ...]
+With ``--settle S``, every get is timed again S seconds after the loss (issue 11: gets
+must return to their pre-loss latency within a minute, not re-learn dead contacts).
+
+Run:  .venv/bin/python bench/dht_churn.py [--nodes 40] [--ops 20] [--configs ...] [--settle 30]
 Not a test: numbers depend on the machine; bench/README.md records some.
 """
 
@@ -171,7 +174,7 @@ async def timed(op: Callable[[], Awaitable[bool]], samples: Samples) -> None:
 
 async def scenario(
     config: str, loss: float, args: argparse.Namespace, key: SiteKey, trust: TrustStore
-) -> tuple[Samples, Samples, int]:
+) -> tuple[Samples, Samples, Samples, int]:
     rng = random.Random(args.seed)
     overlay = Overlay(config, key, trust)
     try:
@@ -197,7 +200,17 @@ async def scenario(
         alive = overlay.alive()
         await asyncio.gather(*(limited("put", b) for b in after))
         await asyncio.gather(*(limited("get", b) for b in before + after))
-        return puts, gets, overlay.rpc_timeouts()
+        settled = Samples()
+        if args.settle > 0 and loss > 0:
+            await asyncio.sleep(args.settle)
+
+            async def again(binding: DhtBinding) -> None:
+                index = rng.choice(alive)
+                async with limit:
+                    await timed(lambda: overlay.get(index, binding), settled)
+
+            await asyncio.gather(*(again(b) for b in before + after))
+        return puts, gets, settled, overlay.rpc_timeouts()
     finally:
         await overlay.close()
 
@@ -206,7 +219,8 @@ async def main(args: argparse.Namespace) -> None:
     key = SiteKey.generate()
     trust = TrustStore({key.key_id: key.public_bytes})
     print(
-        f"{args.nodes} nodes, k=20, alpha=3; per cell {args.ops} puts and {2 * args.ops} gets "
+        f"{args.nodes} nodes, kademlia k=20, DhtNode k=8 (defaults), alpha=3; "
+        f"per cell {args.ops} puts and {2 * args.ops} gets "
         f"from random survivors, {args.concurrency} at a time; latencies in seconds\n"
     )
     print("| config | nodes lost | op | p50 | p90 | p99 | max | failed | rpc timeouts |")
@@ -214,8 +228,11 @@ async def main(args: argparse.Namespace) -> None:
     for config in args.configs:
         for loss in LOSSES:
             started = time.perf_counter()
-            puts, gets, timeouts = await scenario(config, loss, args, key, trust)
-            for name, samples in (("put", puts), ("get", gets)):
+            puts, gets, settled, timeouts = await scenario(config, loss, args, key, trust)
+            rows = [("put", puts), ("get", gets)]
+            if settled.count:
+                rows.append((f"get +{args.settle:.0f}s", settled))
+            for name, samples in rows:
                 failed = f"{samples.failures}/{samples.count}"
                 print(
                     f"| {config} | {loss:.0%} | {name} {samples.row()} {failed} "
@@ -233,6 +250,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ops", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--settle", type=float, default=0.0, help="time gets again after S s")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args()

@@ -12,7 +12,9 @@ Three measurements:
              here sends sequential RPCs: latency, client CPU and server CPU per RPC
 
 "plain" is the same code with the signature replaced by 64 zero bytes and not verified:
-the same datagrams on the wire, so the difference is the cryptography alone.
+the same datagrams on the wire, so the difference is the cryptography alone. "auth" signs
+every datagram (``DhtNode(sessions=False)``, the closed overlay of issue 10); "session"
+is the default since issue 11: one signed exchange per pair of nodes, then HMAC-SHA256.
 
 Run:  .venv/bin/python bench/dht_rpc_cost.py [--rpcs 2000]
 Not a test: numbers depend on the machine; bench/README.md records some.
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kademlia.node import Node
 
-import dht_adaptor.protocol
+import dht_adaptor.session
 from dht_adaptor import membership
 from dht_adaptor.keys import SiteKey, TrustStore, sign_binding
 from dht_adaptor.membership import Member, Sender, node_id_of, open_datagram
@@ -51,7 +53,7 @@ from dht_adaptor.record import (
 from dht_adaptor.record_store import MemoryRecordStore
 
 AOR = "sip:bench@example.com"
-MODES = ("plain", "auth")
+MODES = ("plain", "auth", "session")
 
 
 # -- "plain": the same framing, no cryptography --------------------------------------
@@ -72,17 +74,17 @@ def _open_plain(data: bytes, trust: TrustStore, now: float, window: float = 60.0
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
     """Within: DHT nodes of this process seal and open as ``name`` says."""
-    if name == "auth":
+    if name in ("auth", "session"):
         yield
         return
-    seal, opener = Member.seal, dht_adaptor.protocol.open_datagram
+    seal, opener = Member.seal, dht_adaptor.session.open_datagram
     Member.seal = _seal_plain  # type: ignore[method-assign]
-    dht_adaptor.protocol.open_datagram = _open_plain  # type: ignore[assignment]
+    dht_adaptor.session.open_datagram = _open_plain  # type: ignore[assignment]
     try:
         yield
     finally:
         Member.seal = seal  # type: ignore[method-assign]
-        dht_adaptor.protocol.open_datagram = opener
+        dht_adaptor.session.open_datagram = opener
 
 
 # -- records ---------------------------------------------------------------------------
@@ -127,19 +129,17 @@ def per_op(op: Callable[[], object], repeat: int) -> float:
 
 
 def datagrams(key: SiteKey, trust: TrustStore, repeat: int) -> None:
-    import umsgpack
+    from dht_adaptor.wire import pack
 
     member = Member(key, b"benchsal")
     now = time.time()
-    ping = b"\x00" + os.urandom(20) + umsgpack.packb(["ping", [member.node_id]])
+    ping = b"\x00" + os.urandom(20) + pack(["ping", [member.node_id]])
     cases = {
         "ping request": ping,
-        "find_value answer, 1 binding": b"\x01"
-        + os.urandom(20)
-        + umsgpack.packb({"value": record(key, 1)}),
+        "find_value answer, 1 binding": b"\x01" + os.urandom(20) + pack({"value": record(key, 1)}),
         "find_value answer, full record": b"\x01"
         + os.urandom(20)
-        + umsgpack.packb({"value": full_record(key)}),
+        + pack({"value": full_record(key)}),
     }
     print("| datagram | bytes | seal (sign) µs | open (verify) µs |")
     print("|---|---|---|---|")
@@ -191,8 +191,9 @@ async def in_process(key: SiteKey, trust: TrustStore, n: int) -> None:
     for name in MODES:
         with mode(name):
             store = MemoryRecordStore(trust)
-            server = DhtNode(store, trust, key=key)
-            client = DhtNode(MemoryRecordStore(trust), trust, key=key)
+            sessions = name == "session"
+            server = DhtNode(store, trust, key=key, sessions=sessions)
+            client = DhtNode(MemoryRecordStore(trust), trust, key=key, sessions=sessions)
             try:
                 await server.listen("127.0.0.1", 0)
                 await client.listen("127.0.0.1", 0)
@@ -229,7 +230,9 @@ async def across_processes(data: Path, key: SiteKey, trust: TrustStore, n: int) 
             assert server.stdout is not None
             port = int(server.stdout.readline())
             with mode(name):
-                client = DhtNode(MemoryRecordStore(trust), trust, key=key)
+                client = DhtNode(
+                    MemoryRecordStore(trust), trust, key=key, sessions=name == "session"
+                )
                 try:
                     await client.listen("127.0.0.1", 0)
                     server_id = await client._protocol.ping_address(("127.0.0.1", port))
@@ -259,7 +262,7 @@ async def serve(name: str, data: Path) -> None:
     trust = TrustStore.from_dir(None, key)
     with mode(name):
         store = MemoryRecordStore(trust)
-        node = DhtNode(store, trust, key=key)
+        node = DhtNode(store, trust, key=key, sessions=name == "session")
         port = await node.listen("127.0.0.1", 0)
         assert (await store.merge_in(dht_key(AOR), record(key, 1), time.time())).ok
         print(port, flush=True)
