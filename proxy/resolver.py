@@ -39,10 +39,12 @@ class Resolver:
     async def resolve(self, uri: SipUri) -> Flow:
         """RFC 3263, simplified: maddr or host, A/AAAA lookup, port 5060, transport param."""
         transport = uri.transport
-        if transport not in ("udp", "tcp"):
+        if uri.scheme == "sips" and transport == "tcp":
+            transport = "tls"  # RFC 5630: SIPS over TCP is TLS
+        if transport not in ("udp", "tcp", "tls"):
             raise SipError(status_code=503, reason=f"Transport {transport} Not Supported")
         host = (uri.param("maddr") or uri.host).strip("[]")
-        port = uri.port or 5060
+        port = uri.port or (5061 if transport == "tls" else 5060)
         if not is_ip(host):
             host = await self._lookup_host(host)
         return Flow(transport, host, port)
