@@ -232,3 +232,28 @@ async def test_a_burst_then_dead_holders_and_every_user_is_found(
     finally:
         for adaptor in adaptors:
             await adaptor.close()
+
+
+# -- overload: our own lateness is not the peer's fault ------------------------------
+
+
+async def test_a_timeout_while_our_loop_was_late_keeps_the_peer(keys: tuple[SiteKey, ...]) -> None:
+    paris, tokyo, _ = keys
+    trust = TrustStore({k.key_id: k.public_bytes for k in (paris, tokyo)})
+    node = DhtNode(MemoryRecordStore(trust), trust, key=paris, rpc_timeout=0.2)
+    await node.listen("127.0.0.1", 0)
+    try:
+        protocol = node._protocol
+        silent = Node(Member(tokyo, b"s" * 8).node_id, "127.0.0.1", 9)  # nobody answers
+        protocol.router.add_contact(silent)
+        call = asyncio.ensure_future(protocol.call_ping(silent))
+        await asyncio.sleep(0.05)
+        time.sleep(0.4)  # the event loop is busy (an overload): the timer fires late
+        assert await call == (False, None)
+        assert not protocol.is_dead(("127.0.0.1", 9)) and node.peers()
+        assert node.stats()["rpc_timeouts_lagged"] == 1
+        # The same silence without our lateness: suspect at once (lookups skip it).
+        assert await protocol.call_ping(silent) == (False, None)
+        assert protocol.is_dead(("127.0.0.1", 9))
+    finally:
+        await node.close()
