@@ -73,6 +73,9 @@ class NatKeepalive:
         self._clock = clock
         self.interval = interval
         self._pings: dict[Key, _Ping] = {}
+        # Pings waiting for their final answer or timeout (a dead phone's retransmits
+        # for Timer F): not work a shutdown should wait for.
+        self.inflight = 0
 
     def targets(self) -> list[Key]:
         """The bindings to ping now: live, over UDP, without outbound or Path."""
@@ -120,13 +123,23 @@ class NatKeepalive:
         except ValueError:
             return
         state.waiting = True
+        self.inflight += 1
+        done = False
 
-        def answered(_resp: Response) -> None:
+        def finished() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.inflight -= 1
+
+        def answered(resp: Response) -> None:
             state.waiting = False
             state.misses = 0
+            if resp.status >= 200:
+                finished()
 
         self._counters.nat_keepalives_sent += 1
-        self._transactions.start_client(self._options(contact, flow), flow, answered, lambda: None)
+        self._transactions.start_client(self._options(contact, flow), flow, answered, finished)
 
     async def _remove(self, key: Key) -> None:
         aor, contact, source = key

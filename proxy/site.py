@@ -332,16 +332,22 @@ class Site:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         cancelled = self.server.drain()
-        busy = self.server.transactions.busy()
+        busy = self._busy()
         log.info("draining: %d transaction(s) in flight, %d ringing call(s) cancelled",
                  busy, cancelled)  # fmt: skip
-        while self.server.transactions.busy() and loop.time() < deadline:
+        while self._busy() and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.adaptor.backlog:
             await self.adaptor.flush(max(0.0, deadline - loop.time()))
-        left = self.server.transactions.busy()
+        left = self._busy()
         if left:
             log.warning("stopping with %d transaction(s) unfinished after %.1f s", left, grace)
+
+    def _busy(self) -> int:
+        """Transactions in flight, but for NAT keep-alives to dead phones (they would
+        hold a shutdown for their Timer F)."""
+        pings = self.nat_keepalive.inflight if self.nat_keepalive is not None else 0
+        return self.server.transactions.busy() - pings
 
     async def close(self) -> None:
         await self._closing.aclose()

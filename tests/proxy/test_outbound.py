@@ -398,3 +398,22 @@ async def test_a_round_spreads_its_pings_over_the_interval() -> None:
     # In slices of 0.1 s across the interval, not all at once.
     assert sent_at[-1] - sent_at[0] > 0.7
     assert max(sent_at.count(t) for t in sent_at) < 40
+
+
+async def test_pings_in_flight_are_counted_until_answered_or_timed_out() -> None:
+    # What a shutdown leaves out of the transactions it waits for.
+    s = site()
+    await register_alice(s)
+    ka = keepalive(s)
+    [key] = ka.targets()
+    await ka.ping(key)
+    await ka.ping(key)
+    assert ka.inflight == 2
+    first, second = s.transactions.started
+    first.answer(100)  # provisional: still in flight
+    assert ka.inflight == 2
+    first.answer(200)
+    first.answer(200)  # a retransmitted answer counts once
+    second.time_out()
+    second.time_out()
+    assert ka.inflight == 0
