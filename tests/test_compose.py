@@ -9,7 +9,7 @@ import re
 import pytest
 
 from proxy.cli import _parser
-from proxy.config import ConfigError, build_config
+from proxy.config import ConfigError, build_config, tls_listen_of
 from tests.support.deployment import COMPOSE_FILE, SITE_SERVICES, compose, service_command
 from tests.support.site import ROOT
 
@@ -83,6 +83,9 @@ def test_persistence_health_and_ports() -> None:
         assert named and named <= volumes, f"{name} keeps state outside named volumes"
     ports = services["proxy"]["ports"]
     assert "5060:5060/udp" in ports and "5060:5060/tcp" in ports
+    assert "5061:5061/tcp" in ports  # SIP over TLS, where tls_listen_of puts it by default
+    proxy_env = {k: interpolate(str(v)) for k, v in services["proxy"]["environment"].items()}
+    assert tls_listen_of(build_config({}, env=proxy_env)).port == 5061
     assert any(p.endswith("/udp") and p.startswith("6084") for p in services["dht"]["ports"])
     # Both p2psip services run the image the Dockerfile builds.
     assert services["dht"]["build"] == "."
