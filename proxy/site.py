@@ -381,11 +381,15 @@ async def build_site(
             ),
             overload=OverloadControl(
                 config.overload_queue_delay, config.max_transactions,
-                lambda: len(transactions.server_txs),  # bound below, called once serving
+                lambda: len(transactions.server_txs),  # bound below, before any socket
             ),
             counters=counters, max_tcp_per_address=config.max_tcp_per_address,
             max_tcp_connections=config.max_tcp_connections, flow_events=directory,
         )  # fmt: skip
+        # Before the sockets open: a datagram may come while the rest is being built
+        # (the TLS certificates take a moment), and overload control counts these.
+        timers = TimerConfig(t1=config.t1, t2=config.t2, t4=config.t4, timer_c=config.timer_c)
+        transactions = TransactionLayer(transport, timers, counters)
         listen = config.sip_listen
         try:
             port = await transport.start(listen.host, listen.port)
@@ -413,8 +417,6 @@ async def build_site(
         )  # fmt: skip
         stack.push_async_callback(adaptor.close)
 
-        timers = TimerConfig(t1=config.t1, t2=config.t2, t4=config.t4, timer_c=config.timer_c)
-        transactions = TransactionLayer(transport, timers, counters)
         tasks = Tasks("request task")
         secret = nonce_secret(config.data_dir)
         tokens = ProxyTokens(secret)
