@@ -145,6 +145,10 @@ def _edge(counters: Mapping[str, float]) -> list[Metric]:
     out += [
         _gauge(metric, doc, counters.get(name, 0)) for name, (metric, doc) in EDGE_GAUGES.items()
     ]
+    out.append(_gauge("dht_node_backlog", "DHT node requests, jobs and puts not done yet",
+                      counters.get("dht_node_backlog", 0)))  # fmt: skip
+    out.append(_gauge("dht_loop_lag_seconds", "how late the event loop runs (DHT heartbeat)",
+                      counters.get("dht_node_loop_lag", 0)))  # fmt: skip
     delay = counters.get("queue_delay_ms", 0) / 1000
     out.append(_gauge("queue_delay_seconds", "UDP receive queue delay (moving average)", delay))
     refused = {

@@ -105,8 +105,14 @@ class SiteServices:
             else Check("sip", False, "not listening")
         ]
         peers = len(self.node.peers())
+        node = self.node.stats()
+        load = (
+            f"; backlog: {self.adaptor.backlog} record(s) to write, "
+            f"{int(node.get('backlog', 0))} node job(s); loop lag "
+            f"{node.get('loop_lag', 0.0) * 1000:.0f} ms"
+        )
         if peers:
-            checks.append(Check("dht", True, f"{peers} peer(s) in the routing table"))
+            checks.append(Check("dht", True, f"{peers} peer(s) in the routing table{load}"))
         elif self.require_peers:
             checks.append(Check("dht", False, "no DHT peer yet (not joined)"))
         else:
