@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .directory import LocalDirectory
-from .location import LocationError
 from .registrar_service import RegistrarService
+from .sip.errors import SipError
 from .sip.forwarding import ProxyIdentity, make_branch
 from .sip.headers import Headers
 from .sip.message import Request, Response
@@ -145,7 +145,7 @@ class NatKeepalive:
         aor, contact, source = key
         try:
             removed = await self._registrar.remove(aor, contact, source=source)
-        except LocationError as exc:
+        except SipError as exc:  # the store (LocationError) or the DHT refused
             log.warning("cannot remove %s at %s after %d unanswered keep-alives: %s",
                         aor, contact, MISSES, exc)  # fmt: skip
             return
