@@ -130,6 +130,9 @@ EDGE_COUNTERS = {
     "tcp_refused": ("tcp_refused", "TCP connections refused (over a cap, blocked source)"),
     "tcp_partial_timeouts": ("tcp_partial_timeouts", "TCP connections closed half-way"),
     "resources_exhausted": ("resources_exhausted", "times out of file descriptors or memory"),
+    "nat_keepalives_sent": ("nat_keepalives_sent", "OPTIONS keeping UDP phones' NAT open"),
+    "nat_bindings_removed": ("nat_bindings_removed", "bindings of phones that stopped answering"),
+    "flow_failed": ("flow_failed", "requests answered 430: the phone's outbound flow died"),
 }
 EDGE_GAUGES = {
     "overloaded": ("overloaded", "1 while new requests are shed with 503"),
