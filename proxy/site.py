@@ -256,12 +256,14 @@ async def listen_tls(
     the member sites' (home proxy, key id) pairs, whose certificates are checked."""
     listen = tls_listen_of(config)
     host = config.advertise or config.sip_listen.host
-    names = [h for h in (host, *config.domains) if h not in ("0.0.0.0", "::")]
+    if host in ("0.0.0.0", "::"):
+        host = _primary_address()  # as identity_for names us
+    names = [host, *config.domains]
     try:
         if config.tls_cert is not None and config.tls_key is not None:
             phones = check_pair(config.tls_cert, config.tls_key)
         else:
-            phones = phone_certificate(config.data_dir, names or [_primary_address()])
+            phones = phone_certificate(config.data_dir, names)
         site = site_certificate(config.data_dir, key, config.site_id, names)
         verifier = PeerVerifier(trust, homes=homes, ca_file=config.tls_ca)
         tls = endpoint(phones, site, verifier)

@@ -391,7 +391,10 @@ class PeerVerifier:
         except ValueError:
             raise PeerRefused("a certificate that does not parse") from None
         now = self._clock()
-        kid = member_key(leaf, self._trust, now)
+        try:
+            kid = member_key(leaf, self._trust, now)
+        except (ValueError, UnsupportedAlgorithm):  # a key type cryptography cannot load
+            kid = None
         try:
             addr = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
