@@ -451,6 +451,8 @@ async def build_site(
         trust.on_change(
             lambda _change: dht.cache.retain(lambda aor, b: trust.allows(b.key_id, aor))
         )
+        # Nor do TLS connections to its home proxies stay open (proxy.tls checked them).
+        trust.on_change(lambda _change: transport.forget_tls_peers(trust.__contains__))
         resolver = make_resolver(transport.has_connection)
         router = Router(
             identity=me, transactions=transactions, directory=directory, auth=auth,

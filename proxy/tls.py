@@ -79,13 +79,24 @@ class CertPair:
 
 
 @dataclass(frozen=True, slots=True)
+class Peer:
+    """Who a TLS server we connected to is."""
+
+    who: str  # for the log: "site key KID", or a CA-verified subject
+    key_id: str | None = None  # the member site's key, when it is one
+
+    def __str__(self) -> str:
+        return self.who
+
+
+@dataclass(frozen=True, slots=True)
 class TlsEndpoint:
     """What the transport needs for TLS: the two contexts and the check of a server we
     connected to (returns who it is, raises :class:`PeerRefused`)."""
 
     server: ssl.SSLContext
     client: ssl.SSLContext
-    check: Callable[[str, int, Sequence[bytes]], str]
+    check: Callable[[str, int, Sequence[bytes]], Peer]
 
 
 # --- certificates -----------------------------------------------------------------------
@@ -381,9 +392,9 @@ class PeerVerifier:
                 raise TlsError(f"--tls-ca {ca_file}: no PEM certificate in it") from None
         self._store: Store | None = None
 
-    def __call__(self, host: str, port: int, chain: Sequence[bytes]) -> str:
-        """Who the server at host:port is ("site key KID", or its CA-verified subject);
-        raises PeerRefused saying why not."""
+    def __call__(self, host: str, port: int, chain: Sequence[bytes]) -> Peer:
+        """Who the server at host:port is (a member site's key, or its CA-verified
+        subject); raises PeerRefused saying why not."""
         if not chain:
             raise PeerRefused("no certificate")
         try:
@@ -406,7 +417,7 @@ class PeerVerifier:
                     f"certificate of site key {kid}, but the home proxy at this address "
                     f"is the site of key {expected}"
                 )
-            return f"site key {kid}"
+            return Peer(f"site key {kid}", kid)
         if expected is not None:
             raise PeerRefused(
                 f"not a certificate of site key {expected}, whose home proxy this is: "
@@ -420,7 +431,7 @@ class PeerVerifier:
         leaf: x509.Certificate,
         rest: Sequence[bytes],
         now: dt.datetime,
-    ) -> str:
+    ) -> Peer:
         store = self._ca_store()
         if store is None:
             raise PeerRefused(f"no member site's certificate, and no CA to check it: "
@@ -436,7 +447,7 @@ class PeerVerifier:
                 f"no member site's certificate, and no CA verifies it for {addr} "
                 f"({describe(leaf, now)}: {exc})"
             ) from None
-        return f"{leaf.subject.rfc4514_string()} (verified by a CA)"
+        return Peer(f"{leaf.subject.rfc4514_string()} (verified by a CA)")
 
     def _ca_store(self) -> Store | None:
         if self._store is None:
@@ -457,7 +468,7 @@ class PeerVerifier:
 
 
 def endpoint(
-    phones: CertPair, site: CertPair, verifier: Callable[[str, int, Sequence[bytes]], str]
+    phones: CertPair, site: CertPair, verifier: Callable[[str, int, Sequence[bytes]], Peer]
 ) -> TlsEndpoint:
     """Load the certificates into contexts; TlsError (one line) if ``ssl`` refuses them."""
     try:

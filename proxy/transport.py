@@ -55,7 +55,7 @@ from .sip.framing import MAX_MESSAGE_BYTES, Frame, Ping, StreamFramer
 from .sip.shed import Verdict, shed
 from .stats import SipCounters
 from .stun import answer, looks_like_stun
-from .tls import HANDSHAKE_TIMEOUT, SITE_SNI, PeerRefused, TlsEndpoint
+from .tls import HANDSHAKE_TIMEOUT, SITE_SNI, Peer, PeerRefused, TlsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class _TlsConnection(_TcpConnection):
     def __init__(self, layer: TransportLayer, *, inbound: bool) -> None:
         super().__init__(layer, inbound=inbound)
         self.secured = False
-        self.peer: str | None = None  # who a server we connected to is (proxy.tls)
+        self.peer: Peer | None = None  # who a server we connected to is (proxy.tls)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -673,7 +673,7 @@ class TransportLayer:
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    def check_tls_peer(self, flow: Flow, transport: asyncio.Transport) -> str:
+    def check_tls_peer(self, flow: Flow, transport: asyncio.Transport) -> Peer:
         """Who the TLS server at ``flow`` is; PeerRefused if its certificate will not do."""
         assert self.tls is not None
         obj = transport.get_extra_info("ssl_object")
@@ -684,6 +684,21 @@ class TransportLayer:
             leaf = obj.getpeercert(binary_form=True)
             chain = list(whole()) if whole is not None else [leaf] if leaf else []
         return self.tls.check(flow.host, flow.port, chain)
+
+    def forget_tls_peers(self, trusted: Callable[[str], bool]) -> int:
+        """Close the connections to member sites whose key is no longer ``trusted`` (the
+        trust folder changed): the next message connects, and is checked, afresh."""
+        closed = 0
+        for conn in list(self.connections.values()):
+            peer = conn.peer if isinstance(conn, _TlsConnection) else None
+            if peer is not None and peer.key_id is not None and not trusted(peer.key_id):
+                if conn.transport is not None:
+                    conn.transport.close()
+                closed += 1
+        if closed:
+            log.warning("closed %d TLS connection(s) to sites whose key is no longer trusted",
+                        closed)  # fmt: skip
+        return closed
 
     def tls_refused(self, flow: Flow, reason: str) -> None:
         self._tls_refusals.note(asyncio.get_running_loop().time(), f"{flow}: {reason}")

@@ -292,7 +292,7 @@ def test_the_server_at_a_home_address_must_show_that_home_sites_key() -> None:
     check = tls.PeerVerifier(trust_of(paris, rome), homes=lambda: homes)
     own = _der(tls.issue_site_certificate(paris, "paris", [])[0])
     other = _der(tls.issue_site_certificate(rome, "rome", [])[0])
-    assert check("127.0.0.3", 5061, [own]) == f"site key {paris.key_id}"
+    assert check("127.0.0.3", 5061, [own]) == tls.Peer(f"site key {paris.key_id}", paris.key_id)
     with pytest.raises(tls.PeerRefused, match=f"site key {rome.key_id}, but .* {paris.key_id}"):
         check("127.0.0.3", 5061, [other])
     self_signed = _der(tls.make_self_signed(["127.0.0.3"])[0])
@@ -300,7 +300,7 @@ def test_the_server_at_a_home_address_must_show_that_home_sites_key() -> None:
         check("127.0.0.3", 5061, [self_signed])
     # Another address: any member's certificate will do (an in-dialog request to a
     # site whose bindings we never saw).
-    assert check("127.0.0.9", 5061, [other]) == f"site key {rome.key_id}"
+    assert check("127.0.0.9", 5061, [other]).key_id == rome.key_id
 
 
 def test_a_server_that_is_no_member_needs_a_ca_that_vouches_for_its_address(
@@ -311,7 +311,8 @@ def test_a_server_that_is_no_member_needs_a_ca_that_vouches_for_its_address(
     with pytest.raises(tls.PeerRefused, match="no CA verifies it"):
         tls.PeerVerifier(trust_of(SiteKey.generate()))(HOST, 5061, [leaf])
     check = tls.PeerVerifier(trust_of(SiteKey.generate()), ca_file=ca)
-    assert "verified by a CA" in check(HOST, 5061, [leaf])
+    peer = check(HOST, 5061, [leaf])
+    assert "verified by a CA" in str(peer) and peer.key_id is None
     with pytest.raises(tls.PeerRefused, match=r"127\.0\.0\.2"):
         check("127.0.0.2", 5061, [leaf])  # the certificate is for another address
     with pytest.raises(tls.PeerRefused, match="no certificate"):
@@ -588,7 +589,16 @@ async def test_a_member_sites_server_gets_what_is_sent(
             await asyncio.sleep(0.05)
         assert rogue.received == 2 * msg
         conn = layer.connections[(HOST, rogue.port)]
-        assert conn.kind == "tls" and getattr(conn, "peer", None) == f"site key {certs.key.key_id}"
+        assert (
+            conn.kind == "tls" and str(getattr(conn, "peer", "")) == f"site key {certs.key.key_id}"
+        )
+        # The key leaves the trust folder: the connection is closed, not used again.
+        assert layer.forget_tls_peers(lambda kid: False) == 1
+        for _ in range(40):
+            if not layer.has_connection(HOST, rogue.port):
+                break
+            await asyncio.sleep(0.05)
+        assert not layer.has_connection(HOST, rogue.port)
     finally:
         await rogue.close()
 

@@ -99,7 +99,7 @@ async def test_two_sites_relay_a_call_over_tls(federation: Federation, phone_fac
     assert f"<sip:{PARIS}:{paris.identity.tls_port};transport=tls;lr;" in invite
     conn = paris.server.transport.connections[(BERLIN, berlin.identity.tls_port)]
     assert conn.kind == "tls"
-    assert getattr(conn, "peer", None) == f"site key {federation.keys['berlin'].key_id}"
+    assert str(getattr(conn, "peer", "")) == f"site key {federation.keys['berlin'].key_id}"
     await run(bob.answer, 200)
     await run(alice.wait_state, "CONFIRMED", 15)
     await run(bob.wait_state, "CONFIRMED", 15)
@@ -110,6 +110,11 @@ async def test_two_sites_relay_a_call_over_tls(federation: Federation, phone_fac
     await run(bob.wait_state, "DISCONNECTED", 15)
     (seen,) = paris.services.sites()
     assert seen.home == tls_home(berlin)
+    # berlin's key leaves paris's trust: the TLS connection to berlin is closed at once.
+    (federation.trust / "berlin.pub").unlink()
+    paris.node.trust.reload("test")
+    await asyncio.sleep(0.1)
+    assert not paris.server.transport.has_connection(BERLIN, berlin.identity.tls_port or 0)
 
 
 async def rogue_certificate(directory: Path, key: SiteKey | None) -> tuple[Path, Path]:
