@@ -376,6 +376,8 @@ def test_bad_tls_files_stop_the_site_with_one_line(tmp_path: Path) -> None:
     for args, needle in [
         (["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(other_key)], "nope.pem"),
         (["--tls-cert", str(cert), "--tls-key", str(other_key)], "is not the key of"),
+        (["--tls-ca", str(tmp_path / "no-ca.pem")], "no-ca.pem does not exist"),
+        (["--tls-ca", str(other_key)], "no PEM certificate"),
     ]:
         proc = p2psip(*base, *args)
         assert proc.returncode == 2, proc.stderr
