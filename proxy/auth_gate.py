@@ -12,8 +12,9 @@ a while (:mod:`proxy.lockout`), answered 403 at once.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from .lockout import AuthLockout
@@ -35,6 +36,30 @@ class Users(Protocol):
     def subscribe(self, listener: Callable[[], None]) -> None: ...
 
 
+class TrustedPeers:
+    """SIP servers trusted by their source address (``--trusted-peer ADDRESS[/PREFIX]``):
+    a Kamailio or Asterisk edge, an ITSP. Their requests are not challenged and may be
+    relayed, as an authenticated local user's (README "Security"), and the flood guard
+    never blocks them. Over UDP a source address is only as good as the network's
+    filtering of spoofed ones: prefer TCP (or TLS) from peers across the internet."""
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        self.requests = 0  # requests taken from trusted peers without digest
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def __contains__(self, host: str) -> bool:
+        if not self._networks:
+            return False
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False
+        return any(address in net for net in self._networks)
+
+
 class AuthGate:
     def __init__(
         self,
@@ -48,8 +73,10 @@ class AuthGate:
         algorithms: Sequence[str] = ("MD5",),
         lockout: AuthLockout | None = None,
         required: bool = False,
+        peers: TrustedPeers | None = None,
     ) -> None:
-        """``required``: on from the start even with no users (a users file was given)."""
+        """``required``: on from the start even with no users (a users file was given);
+        ``peers``: sources whose requests need no credentials."""
         self.users = users
         self.realm = realm
         self.digest = DigestAuthenticator(realm, secret, algorithms=algorithms)
@@ -59,6 +86,7 @@ class AuthGate:
         self._clock = clock
         self._enabled = False
         self._required = required
+        self.peers = peers or TrustedPeers(())
         users.subscribe(self._users_changed)
         self._users_changed()
         if not self._enabled:
@@ -76,6 +104,13 @@ class AuthGate:
             log.info(
                 "digest authentication on for %d user(s), realm %r", len(self.users), self.realm
             )
+
+    def trusted_peer(self, stx: ServerTx) -> bool:
+        """Does the request come from a trusted peer (counted when it does)?"""
+        if stx.flow.host not in self.peers:
+            return False
+        self.peers.requests += 1
+        return True
 
     def authenticate(self, stx: ServerTx, *, proxy: bool) -> str | None:
         """The authenticated username, or None after answering the request ourselves.

@@ -22,8 +22,10 @@ flooder, but never lift a block.
 Addresses in :attr:`FloodGuard.exempt` are never blocked: the transport puts the
 proxy's own listening address there. Only processes on this host can send from it (Linux
 drops packets from outside that claim a local source address, ``accept_local=0``), and
-local tools (a monitoring probe, a PBX on the same machine) are not an attack. The check
-happens only when a source would be blocked, so it costs other sources nothing.
+local tools (a monitoring probe, a PBX on the same machine) are not an attack. Trusted
+peers (``--trusted-peer``: a Kamailio edge, an ITSP) are never blocked either: all their
+users' traffic comes from one address. The check happens only when a source would be
+blocked, so it costs other sources nothing.
 
 Logging is part of the decision, so it lives here too: one WARNING line per block (at
 most ``LOG_BURST`` per interval, the rest counted in the summary), and one summary line
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,10 @@ class FloodGuard:
         max_sources: int = 65536,
         *,
         log_interval: float = 60.0,
+        trusted: Callable[[str], bool] | None = None,
     ) -> None:
+        """``trusted``: sources never blocked either (``--trusted-peer``), asked only when
+        one would be."""
         if max_requests < 1 or max_sources < 1 or window <= 0 or block_time <= 0:
             raise ValueError("max_requests and max_sources >= 1, window and block_time > 0")
         self.max_requests = max_requests
@@ -59,6 +65,7 @@ class FloodGuard:
         self.max_sources = max_sources
         self.log_interval = log_interval
         self.exempt: set[str] = set()  # never blocked (the proxy's own addresses)
+        self._trusted = trusted
         # host -> [window start, messages in this window], in window-start order
         self._sources: dict[str, list[float]] = {}
         # host -> [block end, messages dropped in this block], in block order
@@ -97,7 +104,7 @@ class FloodGuard:
         rec[1] += 1
         if rec[1] <= self.max_requests:
             return True
-        if host in self.exempt:
+        if host in self.exempt or (self._trusted is not None and self._trusted(host)):
             rec[1] = 0
             return True
         self._block(host, now)

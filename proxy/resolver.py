@@ -1,53 +1,88 @@
-"""Where a request for a URI goes: the flow to send it on (RFC 3263, simplified).
+"""Where a request for a URI goes: the flows to send it on (RFC 3263).
 
-A URI naming an IP address is used as is; a host name is looked up (A/AAAA) and cached.
+A domain with a static route (``--route``) goes to its peer; a Request-URI of any other
+foreign domain goes to the outbound proxy when there is one; everything else is located
+with DNS (:mod:`proxy.dns`: NAPTR, SRV, A/AAAA), giving the targets to fail over to in
+order. A ``sips:`` URI or ``transport=tls`` is reached over TLS only, port 5061 unless
+another is given (RFC 3263 §4.1).
+
 A contact registered here is reached over the flow its REGISTER came from when that is
 what keeps a phone behind NAT reachable.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import socket
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
-from .sip.errors import ServiceUnavailable, SipError, UnsupportedUriScheme
+from .dns import DnsLocator, is_ip
+from .sip.errors import SipError, UnsupportedUriScheme
 from .sip.headers import parse_name_addr
 from .sip.registrar import FlowFailed
 from .sip.uri import SipUri
 from .transport import Flow
 
-DNS_TTL = 60.0
-DNS_TIMEOUT = 5.0
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
+__all__ = ["Resolver", "is_ip"]
 
 
 class Resolver:
-    def __init__(self, has_connection: Callable[[str, int], bool]) -> None:
+    def __init__(
+        self,
+        has_connection: Callable[[str, int], bool],
+        *,
+        locator: DnsLocator | None = None,
+        routes: Iterable[tuple[str, SipUri]] = (),
+        outbound_proxy: SipUri | None = None,
+    ) -> None:
+        """``locator``: RFC 3263 lookups (default: addresses only, no NAPTR/SRV);
+        ``routes``: (domain, next hop) pairs tried before DNS; ``outbound_proxy``: the
+        next hop of requests for every other foreign domain."""
         self._has_connection = has_connection
-        self._dns: dict[str, tuple[float, str]] = {}
+        self._locator = locator or DnsLocator(lookups=False)
+        self._routes = {domain.lower().rstrip("."): hop for domain, hop in routes}
+        self._outbound = outbound_proxy
+
+    @property
+    def transports(self) -> Sequence[str]:
+        return self._locator.transports
 
     async def resolve(self, uri: SipUri) -> Flow:
-        """RFC 3263, simplified: maddr or host, A/AAAA lookup, port 5060, transport param."""
+        """The flow to send to: the first of :meth:`resolve_all`."""
+        return (await self.resolve_all(uri))[0]
+
+    async def resolve_all(self, uri: SipUri) -> list[Flow]:
+        """The flows for a next hop (a Route, a home proxy), best first: its static route,
+        else RFC 3263. The ones after the first are for failover (§4.3)."""
+        if type(self).resolve is not Resolver.resolve:
+            return [await self.resolve(uri)]  # a subclass decides each target (tests)
+        return await self._locate(self._routes.get(_domain(uri), uri))
+
+    async def resolve_request(self, uri: SipUri) -> list[Flow]:
+        """The flows for a Request-URI with no Route left: a static route for its domain,
+        else the outbound proxy, else RFC 3263."""
+        if type(self).resolve is not Resolver.resolve:
+            return [await self.resolve(uri)]
+        hop = self._routes.get(_domain(uri)) or self._outbound
+        return await self._locate(hop or uri)
+
+    async def _locate(self, uri: SipUri) -> list[Flow]:
         transport = uri.transport
-        if uri.scheme == "sips" and transport == "tcp":
-            transport = "tls"  # RFC 5630: SIPS over TCP is TLS
-        if transport not in ("udp", "tcp", "tls"):
+        if uri.scheme == "sips":
+            # RFC 3261 §26.2.2: sips over "tcp" means TLS; over anything else, nothing.
+            transport = "tls" if transport == "tcp" else transport
+            if transport != "tls":
+                raise SipError(status_code=503, reason=f"Transport {transport} Not For SIPS")
+        if transport not in self._locator.transports:
             raise SipError(status_code=503, reason=f"Transport {transport} Not Supported")
-        host = (uri.param("maddr") or uri.host).strip("[]")
-        port = uri.port or (5061 if transport == "tls" else 5060)
-        if not is_ip(host):
-            host = await self._lookup_host(host)
-        return Flow(transport, host, port)
+        return await self._locator.locate(uri)
+
+    def stats(self) -> dict[str, int]:
+        locator = self._locator
+        return {
+            "dns_queries": locator.queries,
+            "dns_query_failures": locator.failures,
+            "dns_cache_hits": locator.cache.hits,
+            "dns_cache_misses": locator.cache.misses,
+        }
 
     async def flow_for_contact(self, contact: str, source: str | None) -> Flow:
         """The flow to a registered contact: its registration flow when we hold one."""
@@ -79,20 +114,6 @@ class Resolver:
                 return flow
         return await self.resolve(uri)
 
-    async def _lookup_host(self, name: str) -> str:
-        now = time.monotonic()
-        cached = self._dns.get(name)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(name, None, type=socket.SOCK_DGRAM), DNS_TIMEOUT
-            )
-        except (OSError, TimeoutError):
-            raise ServiceUnavailable(f"cannot resolve {name}", reason="DNS Lookup Failed") from None
-        if not infos:
-            raise ServiceUnavailable(f"no address for {name}", reason="DNS Lookup Failed")
-        addr = str(infos[0][4][0])
-        self._dns[name] = (now + DNS_TTL, addr)
-        return addr
+
+def _domain(uri: SipUri) -> str:
+    return uri.host.lower().rstrip(".")

@@ -16,6 +16,7 @@ from typing import Any
 from .auth_gate import AuthGate
 from .dht_routing import DhtRoute, DhtRouter, is_relayed
 from .directory import LocalDirectory
+from .failover import Failover
 from .forker import Forker, ForkRunner, Target
 from .relay_auth import HEADER as RELAY_HEADER
 from .relay_auth import RelayVerifier, Signer
@@ -78,6 +79,7 @@ class Router:
         clock: Callable[[], float] = time.time,
         sites: SiteDirectory | None = None,
         home_timeout: float = 1.2,
+        failover: Failover | None = None,
     ) -> None:
         """``relay_key`` signs the requests this site relays to other sites' home
         proxies; ``relays`` checks those other sites relay here (proxy.relay_auth)."""
@@ -98,6 +100,7 @@ class Router:
         self._clock = clock
         self._sites = sites
         self._home_timeout = home_timeout
+        self._failover = failover
 
     # --- classification ----------------------------------------------------------------
 
@@ -106,6 +109,9 @@ class Router:
         if host in self.domains or self.me.is_my_address(uri):
             return True
         return not self.domains and not is_ip(host)
+
+    def _names_our_address(self, uri: SipUri) -> bool:
+        return uri.user is not None and bool(self.domains) and self.me.is_my_address(uri)
 
     def is_for_me(self, req: Request) -> bool:
         """A request to the proxy itself (OPTIONS pings), not to a user."""
@@ -150,38 +156,42 @@ class Router:
         ours = preprocess_routes(req, self.me)
         in_dialog = req.to.tag is not None
         relayed = self._relay_from_member(req)
+        # A trusted peer (a Kamailio edge, an ITSP) is taken as an authenticated caller,
+        # From and P-Asserted-Identity as it wrote them.
+        peer = self._auth.trusted_peer(stx)
         hop = next_hop_uri(req)
         ruri = req.ruri
         if isinstance(ruri, TelUri) and self.domains:
             ruri = SipUri("sip", ruri.number, self.domains[0])
         if not isinstance(ruri, SipUri):
             raise NotFound("no route for a non-SIP Request-URI")
+        if not in_dialog and hop is None and self._names_our_address(ruri):
+            # Our own address stands for our domain: sip:alice@IP:port is alice's.
+            ruri = SipUri(ruri.scheme, ruri.user, self.domains[0])
         to_user = not in_dialog and hop is None and ruri.user is not None and self.serves(ruri)
         if in_dialog:
             vouched = self._dialog_vouched(req, ours) or self._reaches_our_phone(hop, ruri)
-            user = None if vouched else self._local_user(stx, relay=True)
+            user = None if vouched or peer else self._local_user(stx, relay=True)
         elif to_user:
             # Anyone may call a user here; one who claims to be a local user (or offers
             # credentials) proves it. A request relayed by another site was checked there.
-            claims = self._auth.enabled and not relayed and self._claims_local(req)
+            claims = self._auth.enabled and not (relayed or peer) and self._claims_local(req)
             user = self._local_user(stx, relay=False) if claims else None
         else:
-            user = self._local_user(stx, relay=True)
+            user = True if peer else self._local_user(stx, relay=True)
         if user is False:
             return  # challenged or refused
-        self._assert_identity(req, user if isinstance(user, str) else None, relayed)
+        self._assert_identity(req, user if isinstance(user, str) else None, relayed or peer)
         if hop is not None:
-            target = Target(None, await self._resolver.resolve(hop))
-            self._forker.start(stx, req, h, self._over_tls(req, [target]))
+            self._forward(stx, req, h, await self._resolver.resolve_all(hop))
             return
         if not to_user:
-            target = Target(None, await self.flow_for_uri(ruri))
-            self._forker.start(stx, req, h, self._over_tls(req, [target]))
+            self._forward(stx, req, h, await self.flows_for_uri(ruri))
             return
         aor = aor_of(ruri)
         # Only local users learn that a user exists but is not reachable now (on a site
         # without users, where anyone may register, every caller is one).
-        tell = isinstance(user, str) or not self._auth.enabled
+        tell = isinstance(user, str) or not self._auth.enabled or peer
         try:
             targets = self._over_tls(req, await self._local_targets(aor, stx))
         except TemporarilyUnavailable:
@@ -267,12 +277,14 @@ class Router:
         uri = req.from_.uri
         if not isinstance(uri, SipUri):
             return False
-        return self.serves(uri) or uri.host.strip("[]").lower().rstrip(".") == self.me.host.lower()
+        host = uri.host.strip("[]").lower().rstrip(".")
+        return self.serves(uri) or host == self.me.host.strip("[]").lower()
 
     def _assert_identity(self, req: Request, user: str | None, relayed: bool) -> None:
         """RFC 3325: P-Asserted-Identity is ours to write. An authenticated user must be
         who From says (403 otherwise) and is asserted; from anyone else it is removed.
-        (A relay from another site keeps what that site asserted.)"""
+        (A relay from another site, or a request from a trusted peer, keeps what it
+        asserted.)"""
         if user is None:
             if not relayed:
                 req.headers.remove("P-Asserted-Identity")
@@ -413,9 +425,34 @@ class Router:
                 return
         runner.release()
 
-    async def flow_for_uri(self, uri: SipUri) -> Flow:
+    def _forward(self, stx: ServerTx, req: Request, h: str, flows: list[Flow]) -> None:
+        """To the next hop of a Route or a Request-URI: its first target, then (RFC 3263
+        §4.3, proxy.failover) the others over the same transport, in turn."""
+        targets = self._over_tls(req, [Target(None, flow) for flow in flows])
+        first = targets[0].flow
+        turn = [t.flow for t in targets if t.flow.transport == first.transport]
+        if self._failover is None or len(turn) < 2:
+            self._forker.start(stx, req, h, targets[:1])
+            return
+        with self._failover.targets(turn):
+            self._forker.start(stx, req, h, targets[:1])
+
+    async def flows_for_uri(self, uri: SipUri) -> list[Flow]:
+        """A phone registered here over its flow; anywhere else by the resolver's rules
+        for a Request-URI (static route, outbound proxy, DNS)."""
         source = self._directory.flow_of(str(uri)) or self._directory.flow_of(contact_key(str(uri)))
-        return await self._resolver.via_flow(source, uri)
+        if source is not None:
+            return [await self._resolver.via_flow(source, uri)]
+        return await self._resolver.resolve_request(uri)
+
+    async def flow_for_uri(self, uri: SipUri) -> Flow:
+        return (await self.flows_for_uri(uri))[0]
+
+    def routing_stats(self) -> dict[str, int]:
+        """DNS lookups and failovers (RFC 3263), for the site's stats."""
+        out = self._resolver.stats()
+        out["failovers"] = self._failover.failovers if self._failover is not None else 0
+        return out
 
     # --- stateless parts ---------------------------------------------------------------
 
@@ -469,7 +506,7 @@ class Router:
         fwd = resp.copy()
         fwd.headers.pop_first_value("Via")
         nxt = vias[1]
-        host = nxt.received or nxt.host
+        host = (nxt.received or nxt.host).strip("[]")
         port = int(nxt.rport) if nxt.rport else (nxt.port or 5060)
         self._send(Flow(nxt.transport.lower(), host, port), fwd.to_bytes())
 

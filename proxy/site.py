@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import itertools
 import logging
 import os
 import secrets
@@ -41,10 +43,12 @@ from dht_adaptor.record_store import (
 from dht_adaptor.redis_store import RedisStore
 
 from .admin_services import SiteServices
-from .auth_gate import AuthGate
+from .auth_gate import AuthGate, TrustedPeers
 from .config import Config, tls_listen_of
 from .dht_routing import DhtRouter
 from .directory import FLOW_GRACE, LocalDirectory
+from .dns import DnsLocator
+from .failover import Failover
 from .flood import FloodGuard
 from .forker import Forker
 from .location import LocationError, LocationStore
@@ -216,15 +220,63 @@ def identity_for(config: Config, port: int, tls_port: int | None = None) -> Prox
     host = config.advertise or listen
     if host in ("0.0.0.0", "::"):
         host = _primary_address()
+    host = uri_host(host)  # [v6], as Via, Record-Route and URIs write it
     aliases = {(host.lower(), port)}
     if listen not in ("0.0.0.0", "::"):
-        aliases.add((listen.lower(), port))
+        aliases.add((uri_host(listen).lower(), port))
+    else:
+        # Every address of this host reaches us: sip:alice@IP:port is for our users.
+        aliases.update((uri_host(a), port) for a in local_addresses(ipv6=listen == "::"))
     if tls_port:
         aliases.add((host.lower(), tls_port))
         tls_host = tls_listen_of(config).host
         if tls_host not in ("0.0.0.0", "::"):
-            aliases.add((tls_host.lower(), tls_port))
+            aliases.add((uri_host(tls_host).lower(), tls_port))
     return ProxyIdentity(host, port, config.domains, frozenset(aliases), tls_port)
+
+
+def locator_for(config: Config, transport: TransportLayer) -> DnsLocator:
+    """RFC 3263 lookups through ``dns_server`` (or the system's), for the transports and
+    address families this site can send on."""
+    listen = config.sip_listen.host
+    families = [socket.AF_INET6] if ":" in listen else [socket.AF_INET]
+    if listen == "::":  # dual-stack
+        families.append(socket.AF_INET)
+    server = config.dns_server
+    return DnsLocator(
+        server=(server.host, server.port) if server is not None else None,
+        transports=("udp", "tcp", "tls") if transport.tls is not None else ("udp", "tcp"),
+        families=families,
+    )
+
+
+def uri_host(host: str) -> str:
+    """A host as URIs write it: an IPv6 address in brackets, compressed."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    return f"[{address.compressed}]" if address.version == 6 else address.compressed
+
+
+def local_addresses(*, ipv6: bool) -> set[str]:
+    """This host's own addresses (Linux: /proc), loopback included; link-local IPv6 ones
+    left out (a URI cannot name their interface)."""
+    found = {"127.0.0.1"}
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+        for above, line in itertools.pairwise(lines):
+            if line.strip() == "/32 host LOCAL":
+                found.add(above.split()[-1])
+    if ipv6:
+        found.add("::1")
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/net/if_inet6").read_text().splitlines():
+                raw = line.split()[0]
+                address = ipaddress.IPv6Address(bytes.fromhex(raw))
+                if not address.is_link_local:
+                    found.add(address.compressed)
+    return found
 
 
 def _primary_address() -> str:
@@ -237,7 +289,7 @@ def _primary_address() -> str:
 def home_uri(me: ProxyIdentity, transport: str = "udp") -> str:
     """The SIP URI other sites reach this proxy at (the binding's home proxy), over
     ``transport`` (``--home-transport``; TLS is a ``sips:`` URI, RFC 5630)."""
-    host = f"[{me.host}]" if ":" in me.host else me.host
+    host = uri_host(me.host)
     if transport == "tls" and me.tls_port:
         return f"sips:{host}:{me.tls_port}"
     if transport == "tcp":
@@ -326,6 +378,8 @@ class Site:
         out["dht_cache_hits"] = cache.hits
         out["dht_cache_misses"] = cache.misses
         out["dht_cache_hit_rate"] = round(cache.hit_rate, 4)
+        out["trusted_peer_requests"] = self.auth.peers.requests
+        out.update(self.router.routing_stats())
         return out
 
     async def drain(self, grace: float) -> None:
@@ -359,7 +413,7 @@ async def build_site(
     config: Config,
     *,
     clock: Callable[[], float] = time.time,
-    make_resolver: Callable[[Callable[[str, int], bool]], Resolver] = Resolver,
+    make_resolver: type[Resolver] = Resolver,
     dht_retry_delays: Sequence[float] = RETRY_DELAYS,
 ) -> Site:
     """Open, bind and build everything a site runs, or raise StartupError (closing
@@ -372,6 +426,7 @@ async def build_site(
         stack.push_async_callback(users.close)
 
         counters = SipCounters()
+        peers = TrustedPeers(config.trusted_peers)
         # Told by the transport which flows end (RFC 5626 outbound: 430 for their phones).
         directory = LocalDirectory(
             store, users, clock, udp_flow_timeout=config.flow_timer + FLOW_GRACE
@@ -379,7 +434,8 @@ async def build_site(
         transport = TransportLayer(
             idle_timeout=config.tcp_idle_timeout, partial_timeout=config.tcp_partial_timeout,
             flood=FloodGuard(
-                config.flood_max_requests, config.flood_window, config.flood_block_time
+                config.flood_max_requests, config.flood_window, config.flood_block_time,
+                trusted=peers.__contains__,
             ),
             overload=OverloadControl(
                 config.overload_queue_delay, config.max_transactions,
@@ -430,7 +486,7 @@ async def build_site(
                 config.auth_max_failures, config.auth_failure_window,
                 config.auth_block_time, config.auth_block_max,
             ),
-            required=config.users_file is not None,
+            required=config.users_file is not None, peers=peers,
         )  # fmt: skip
         registrar = RegistrarService(
             RegistrarConfig(
@@ -453,14 +509,22 @@ async def build_site(
         )
         # Nor do TLS connections to its home proxies stay open (proxy.tls checked them).
         trust.on_change(lambda _change: transport.forget_tls_peers(trust.__contains__))
-        resolver = make_resolver(transport.has_connection)
+        resolver = make_resolver(
+            transport.has_connection, locator=locator_for(config, transport),
+            routes=[(r.domain, r.next_hop) for r in config.routes],
+            outbound_proxy=config.outbound_proxy,
+        )  # fmt: skip
+        # RFC 3263 §4.3: the next target within the one Timer B/F.
+        failover = Failover(
+            transactions, tokens, silence=config.failover_timeout, budget=64 * timers.t1
+        )
         router = Router(
             identity=me, transactions=transactions, directory=directory, auth=auth,
             resolver=resolver,
-            forker=Forker(transactions, me, tokens, timer_c=timers.timer_c),
+            forker=Forker(failover, me, tokens, timer_c=timers.timer_c),
             counters=counters, send=transport.send, spawn=tasks.spawn, tokens=tokens, dht=dht,
             relay_key=key, relays=RelayVerifier(node.trust), clock=clock,
-            sites=sites, home_timeout=config.home_timeout,
+            sites=sites, home_timeout=config.home_timeout, failover=failover,
         )  # fmt: skip
         server = SipServer(
             transport, transactions,

@@ -292,6 +292,12 @@ class FakeResolver:
             host = self.hosts[host]
         return Flow(uri.transport, host, uri.port or 5060)
 
+    async def resolve_all(self, uri: SipUri) -> list[Flow]:
+        return [await self.resolve(uri)]
+
+    async def resolve_request(self, uri: SipUri) -> list[Flow]:
+        return [await self.resolve(uri)]
+
     async def flow_for_contact(self, contact: str, source: str | None) -> Flow:
         uri = parse_name_addr(f"<{contact}>").uri
         if not isinstance(uri, SipUri):
