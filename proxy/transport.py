@@ -214,6 +214,7 @@ class _UdpReader:
         self.view = memoryview(self.buffer)
         self.ancillary = _ANC_SPACE if SO_TIMESTAMPNS is not None else 0
         self.loop = asyncio.get_running_loop()
+        self.mapped = is_dual_stack(sock)  # IPv4 sources come as ::ffff:a.b.c.d
 
     def on_readable(self) -> None:
         layer = self.layer
@@ -235,8 +236,11 @@ class _UdpReader:
         buffer = self.buffer
         view = self.view
         budget = UDP_BUDGET
+        mapped = self.mapped
         while True:
             host = addr[0]
+            if mapped and host.startswith("::ffff:"):
+                host = host[7:]
             if admit is None or admit(host, now):
                 data = bytes(view[:size])
                 if size and buffer[0] < 0x40:  # not a letter: no SIP start line
@@ -273,7 +277,7 @@ class _TcpConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         host, port = transport.get_extra_info("peername")[:2]
-        self.flow = Flow(self.kind, str(host), int(port))
+        self.flow = Flow(self.kind, unmapped(str(host)), int(port))
         layer = self.layer
         if self.inbound:
             refusal = layer.refuse_connection(self.flow.host)
@@ -404,6 +408,39 @@ class _TlsConnection(_TcpConnection):
         return self.secured and super().usable()
 
 
+def is_dual_stack(sock: socket.socket) -> bool:
+    """An IPv6 socket that also takes IPv4 (bound to ``::`` without IPV6_V6ONLY)."""
+    if sock.family != socket.AF_INET6:
+        return False
+    return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+
+
+def unmapped(host: str) -> str:
+    """``::ffff:a.b.c.d`` (IPv4 on a dual-stack socket) as the IPv4 address it is."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+async def _listen_stream(
+    factory: Callable[[], asyncio.Protocol], host: str, port: int
+) -> asyncio.Server:
+    """A TCP listener; on ``::`` one dual-stack socket (asyncio would make it IPv6 only)."""
+    loop = asyncio.get_running_loop()
+    if host != "::":
+        return await loop.create_server(
+            factory, host, port, reuse_address=True, backlog=TCP_BACKLOG
+        )
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return await loop.create_server(factory, sock=sock, backlog=TCP_BACKLOG)
+
+
 class TransportLayer:
     def __init__(
         self,
@@ -443,6 +480,7 @@ class TransportLayer:
         self._connecting: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._udp: socket.socket | None = None
+        self._udp_mapped = False
         self._tcp_server: asyncio.Server | None = None
         self._housekeeping: asyncio.TimerHandle | None = None
         self.host = ""
@@ -550,16 +588,17 @@ class TransportLayer:
             udp = socket.socket(family, socket.SOCK_DGRAM)
             try:
                 udp.setblocking(False)
+                if host == "::":
+                    udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 udp.bind((host, port))
             except OSError:
                 udp.close()
                 raise
             actual = int(udp.getsockname()[1])
             try:
-                server = await loop.create_server(
-                    lambda: _TcpConnection(self, inbound=True), host, actual,
-                    reuse_address=True, backlog=TCP_BACKLOG,
-                )  # fmt: skip
+                server = await _listen_stream(
+                    lambda: _TcpConnection(self, inbound=True), host, actual
+                )
             except OSError:
                 udp.close()
                 if port != 0:
@@ -569,6 +608,7 @@ class TransportLayer:
             if SO_TIMESTAMPNS is not None:
                 udp.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             self._udp = udp
+            self._udp_mapped = is_dual_stack(udp)
             loop.add_reader(udp.fileno(), _UdpReader(self, udp).on_readable)
             self._tcp_server = server
             self.host, self.port = host, actual
@@ -604,8 +644,11 @@ class TransportLayer:
     def send(self, flow: Flow, data: bytes) -> None:
         if flow.transport == "udp":
             if self._udp is not None:
+                host = flow.host
+                if self._udp_mapped and ":" not in host:
+                    host = "::ffff:" + host  # IPv4 from a dual-stack socket
                 try:
-                    self._udp.sendto(data, (flow.host, flow.port))
+                    self._udp.sendto(data, (host, flow.port))
                 except BlockingIOError:
                     log.debug("udp send buffer full: dropped a message to %s", flow)
                 except OSError as exc:
@@ -626,8 +669,16 @@ class TransportLayer:
         conn = self.connections.get((host, port))
         return conn is not None and conn.usable()
 
+    def _source_for(self, host: str) -> tuple[str, int] | None:
+        """Connections we open leave from our listen address (the peer sees it, not the
+        route's default source), when we listen on one address of that family."""
+        if self.host in ("", "0.0.0.0", "::") or (":" in self.host) != (":" in host):
+            return None
+        return (self.host, 0)
+
     async def _connect(self, key: tuple[str, int], transport: str = "tcp") -> None:
         loop = asyncio.get_running_loop()
+        source = self._source_for(key[0])
         try:
             if transport == "tls":
                 if self.tls is None:
@@ -636,11 +687,15 @@ class TransportLayer:
                     loop.create_connection(
                         lambda: _TlsConnection(self, inbound=False), *key, ssl=self.tls.client,
                         server_hostname=SITE_SNI, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                        local_addr=source,
                     ), HANDSHAKE_TIMEOUT + 5.0,
                 )  # fmt: skip
             else:
                 await asyncio.wait_for(
-                    loop.create_connection(lambda: _TcpConnection(self, inbound=False), *key), 5.0
+                    loop.create_connection(
+                        lambda: _TcpConnection(self, inbound=False), *key, local_addr=source
+                    ),
+                    5.0,
                 )
         except (OSError, TimeoutError) as exc:
             if is_exhaustion(exc):
@@ -661,10 +716,9 @@ class TransportLayer:
         """Listen for SIP over TLS at host:port (0: any free port), and open TLS
         connections with ``endpoint`` from now on. Returns the port."""
         self.tls = endpoint
-        self._tls_server = await asyncio.get_running_loop().create_server(
-            lambda: _TlsConnection(self, inbound=True), host, port,
-            reuse_address=True, backlog=TCP_BACKLOG,
-        )  # fmt: skip
+        self._tls_server = await _listen_stream(
+            lambda: _TlsConnection(self, inbound=True), host, port
+        )
         self.tls_port = int(self._tls_server.sockets[0].getsockname()[1])
         return self.tls_port
 
