@@ -173,7 +173,8 @@ class Phone:
     def uri(self) -> str:
         """Where to reach this phone directly, without any proxy."""
         tp = "" if self.transport == "udp" else f";transport={self.transport}"
-        return f"sip:{self.name}@{self.bind_ip}:{self.port}{tp}"
+        host = f"[{self.bind_ip}]" if ":" in self.bind_ip else self.bind_ip
+        return f"sip:{self.name}@{host}:{self.port}{tp}"
 
     # -- registration ---------------------------------------------------------
 

@@ -175,6 +175,9 @@ class Agent:
         self.tls_verify: bool = args.tls_verify
         self.sips: bool = args.sips
         self.bind_ip: str = args.bind_ip
+        # An IPv6 address binds IPv6 transports and is written [v6] in URIs.
+        self.ipv6 = ":" in self.bind_ip
+        self.uri_host = f"[{self.bind_ip}]" if self.ipv6 else self.bind_ip
         self.auto_ringing: bool = args.auto_ringing
         # RFC 5626: an instance id of this phone's own (pjsua's default is made from the
         # host name, the same for every phone of a test).
@@ -210,6 +213,11 @@ class Agent:
             "tcp": pj.PJSIP_TRANSPORT_TCP,
             "tls": pj.PJSIP_TRANSPORT_TLS,
         }.get(self.transport, pj.PJSIP_TRANSPORT_UDP)
+        if self.ipv6:
+            tp_type = {
+                pj.PJSIP_TRANSPORT_UDP: pj.PJSIP_TRANSPORT_UDP6,
+                pj.PJSIP_TRANSPORT_TCP: pj.PJSIP_TRANSPORT_TCP6,
+            }.get(tp_type, tp_type | pj.PJSIP_TRANSPORT_IPV6)
         if self.transport == "tls":
             if self.tls_ca:
                 tcfg.tlsConfig.CaListFile = self.tls_ca
@@ -237,7 +245,7 @@ class Agent:
     def _create_account(self, reg: Registration | None) -> PhoneAccount:
         acfg = pj.AccountConfig()
         if reg is None:
-            acfg.idUri = f"sip:{self.name}@{self.bind_ip}:{self.port}{self._tp_param()}"
+            acfg.idUri = f"sip:{self.name}@{self.uri_host}:{self.port}{self._tp_param()}"
         else:
             acfg.idUri = f"sip:{reg.user}@{reg.domain}"
             acfg.regConfig.registrarUri = reg.registrar or self._proxy_uri(reg.proxy)
@@ -248,7 +256,7 @@ class Agent:
             if self.sips:
                 # pjsua writes sip:...;transport=TLS Contacts (PJSUA_SECURE_SCHEME); a
                 # pjsua2 callee of a sips: call wants a sips: one (RFC 5630), else 480.
-                contact = f"<sips:{reg.user}@{self.bind_ip}:{self.port}>"
+                contact = f"<sips:{reg.user}@{self.uri_host}:{self.port}>"
                 acfg.sipConfig.contactForced = contact
             if reg.password is not None:
                 acfg.sipConfig.authCreds.append(
@@ -269,8 +277,12 @@ class Agent:
         nat.contactUseSrcPort = 0
         nat.iceEnabled = False
         nat.turnEnabled = False
-        acfg.mediaConfig.transportConfig.boundAddress = self.bind_ip
-        acfg.mediaConfig.transportConfig.publicAddress = self.bind_ip
+        # This pjsua2 wheel asserts ipv6Use == DISABLED in pjsua_acc_add (as a build
+        # without PJ_HAS_IPV6 does), and RTP cannot bind ::1 without it: an IPv6
+        # phone's SIP is IPv6, its RTP stays on IPv4.
+        media = "127.0.0.1" if self.ipv6 else self.bind_ip
+        acfg.mediaConfig.transportConfig.boundAddress = media
+        acfg.mediaConfig.transportConfig.publicAddress = media
         self._generation += 1
         account = PhoneAccount(self, self._generation)
         account.create(acfg, True)
