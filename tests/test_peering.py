@@ -22,6 +22,10 @@ from proxy.transport import Flow, TransportLayer
 
 from .security.conftest import DOMAIN, start_site
 from .security.ua import Endpoint, Sip
+from .support.kamailio import AVAILABLE as KAMAILIO
+from .support.kamailio import Kamailio
+from .support.site import Site as SiteProcess
+from .support.site import free_port
 
 PEER = "127.0.0.41"  # a trusted SIP server (a Kamailio edge, an ITSP)
 STRANGER = "127.0.0.42"
@@ -210,3 +214,130 @@ async def test_a_dual_stack_listener_takes_ipv4_and_ipv6_as_they_are() -> None:
     finally:
         v4.close()
         await layer.close()
+
+
+# --- a Kamailio neighbour (real processes, real phones) ----------------------------------
+
+P2P = "p2p.test"
+KAM = "kam.test"
+SITE_HOST = "127.0.0.51"
+KAM_HOST = "127.0.0.52"
+PEER_USERS = '[users."alice"]\npassword = "wonderland"\n'
+
+
+def _neighbours(tmp_path: Path, *routes: str) -> tuple[SiteProcess, Kamailio]:
+    """A p2psip site serving p2p.test (alice has a password) whose route for kam.test
+    goes to Kamailio over TCP, Kamailio trusted; Kamailio serves kam.test and sends
+    every other domain to the site."""
+    if not KAMAILIO:
+        pytest.skip("kamailio is not installed (scripts/test installs it)")
+    users = tmp_path / "users.toml"
+    users.write_text(PEER_USERS)
+    kam_port = free_port(KAM_HOST)
+    site = SiteProcess(tmp_path / "site", SITE_HOST, [
+        "--domain", P2P, "--users", str(users), "--trusted-peer", KAM_HOST,
+        "--route", f"{KAM}={KAM_HOST}:{kam_port};transport=tcp",
+        *(arg for route in routes for arg in ("--route", route)),
+    ])  # fmt: skip
+    site.workdir.mkdir(parents=True)
+    kamailio = Kamailio(tmp_path / "kamailio", KAM_HOST, kam_port, KAM, site.sip)
+    return site, kamailio
+
+
+def _answered(caller, callee, target: str):
+    caller.call(target)
+    incoming = callee.wait_incoming(timeout=10)
+    callee.answer(200)
+    caller.wait_state("CONFIRMED", timeout=10)
+    callee.wait_state("CONFIRMED", timeout=10)
+    return incoming
+
+
+def _cancelled(caller, callee, target: str) -> None:
+    caller.call(target)
+    callee.wait_incoming(timeout=10)
+    caller.wait_state("EARLY", timeout=10)  # it rings (180): now CANCEL may go
+    caller.hangup()
+    assert caller.wait_state("DISCONNECTED", timeout=10)["code"] == 487
+    callee.wait_state("DISCONNECTED", timeout=10)
+
+
+@pytest.mark.e2e
+def test_phones_on_each_side_of_a_kamailio_neighbour_call_each_other(
+    tmp_path: Path, phone_factory
+) -> None:
+    site, kamailio = _neighbours(tmp_path)
+    try:
+        site.start()
+        kamailio.start()
+        alice = phone_factory("alice")
+        carol = phone_factory("carol")
+        assert alice.register(site.sip, "alice", P2P, password="wonderland") == 200
+        assert carol.register(kamailio.sip, "carol", KAM) == 200
+
+        # p2psip -> Kamailio by the static route (TCP, from the site's own address);
+        # the callee hangs up: BYE from Kamailio's side.
+        incoming = _answered(alice, carol, f"sip:carol@{KAM}")
+        vias = [v for v in str(incoming["msg"]).splitlines() if v.startswith("Via:")]
+        ours = [v for v in vias if f" {SITE_HOST}:{site.port};" in v]
+        assert ours and ours[0].startswith("Via: SIP/2.0/TCP"), vias
+        # Kamailio saw the connection come from the address our Via names (RFC 3581
+        # writes received= with rport), not from the route's 127.0.0.1.
+        assert "received=127.0.0.1;" not in ours[0] and f"received={SITE_HOST};" in ours[0]
+        carol.hangup()
+        alice.wait_state("DISCONNECTED", timeout=10)
+
+        # Kamailio -> p2psip by Kamailio's own routing; BYE from the p2psip side.
+        _answered(carol, alice, f"sip:alice@{P2P}")
+        alice.hangup()
+        carol.wait_state("DISCONNECTED", timeout=10)
+
+        # CANCEL from either side.
+        _cancelled(alice, carol, f"sip:carol@{KAM}")
+        _cancelled(carol, alice, f"sip:alice@{P2P}")
+    finally:
+        kamailio.stop()
+        site.stop()
+
+
+@pytest.mark.e2e
+def test_kamailio_as_a_trusted_peer_relays_unchallenged_and_a_stranger_is_challenged(
+    tmp_path: Path, phone_factory
+) -> None:
+    dave = phone_factory("dave")  # far.test's only phone, reached by a static route
+    site, kamailio = _neighbours(tmp_path, f"far.test={dave.bind_ip}:{dave.port}")
+    try:
+        site.start()
+        kamailio.start()
+        carol = phone_factory("carol")
+        assert carol.register(kamailio.sip, "carol", KAM) == 200
+        # carol has no credentials at the site: only trust lets Kamailio relay through it.
+        _answered(carol, dave, "sip:dave@far.test")
+        dave.hangup()
+        carol.wait_state("DISCONNECTED", timeout=10)
+        # The same request from another address is challenged.
+        assert _raw_invite(STRANGER, site, "sip:dave@far.test").startswith(b"SIP/2.0 407 ")
+    finally:
+        kamailio.stop()
+        site.stop()
+
+
+def _raw_invite(source: str, site: SiteProcess, ruri: str) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        port = s.getsockname()[1]
+        s.settimeout(5)
+        s.sendto(
+            (
+                f"INVITE {ruri} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {source}:{port};branch=z9hG4bKstranger1;rport\r\n"
+                f"From: <sip:carol@{KAM}>;tag=s1\r\nTo: <{ruri}>\r\n"
+                "Call-ID: stranger-1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
+                f"Contact: <sip:carol@{source}:{port}>\r\nContent-Length: 0\r\n\r\n"
+            ).encode(),
+            (site.host, site.port),
+        )
+        while True:
+            reply = s.recv(65535)
+            if not reply.startswith(b"SIP/2.0 100"):
+                return reply
