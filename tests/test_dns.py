@@ -31,7 +31,8 @@ from proxy.dns import (
 )
 from proxy.resolver import Resolver
 from proxy.sip.errors import SipError
-from proxy.sip.message import Request, Response
+from proxy.sip.fork import make_cancel
+from proxy.sip.message import Request, Response, make_response, parse_message
 from proxy.sip.uri import SipUri, parse_uri
 from proxy.transport import Flow
 
@@ -497,3 +498,49 @@ def test_an_srv_listed_second_site_takes_a_call_when_the_first_is_down(
         for site in sites:
             site.stop()
         server.close()
+
+
+class Ringing(Endpoint):
+    """A phone that rings (180) and answers a CANCEL: 200 to it, 487 to the INVITE."""
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        msg = parse_message(data)
+        self.received.append(data)
+        assert self.transport is not None
+        if isinstance(msg, Request) and msg.method == "INVITE":
+            self.invite = msg
+            self.transport.sendto(make_response(msg, 180, to_tag="r").to_bytes(), addr)
+        elif isinstance(msg, Request) and msg.method == "CANCEL":
+            self.transport.sendto(make_response(msg, 200, to_tag="r").to_bytes(), addr)
+            self.transport.sendto(make_response(self.invite, 487, to_tag="r").to_bytes(), addr)
+        self.inbox.put_nowait(msg)
+
+
+async def test_a_cancel_goes_to_the_target_that_took_over(
+    tmp_path: Path, dns_server: DnsServer, endpoints
+) -> None:
+    dead = await endpoints("127.0.0.21", answer=False)
+    ringing = await Ringing.open("127.0.0.22")
+    site = await _far_site(tmp_path, dns_server, dead, ringing)
+    try:
+        ep = await endpoints()
+        alice = Sip(ep, ("127.0.0.1", site.sip_port))  # type: ignore[attr-defined]
+        call = asyncio.create_task(_call(alice))
+        # The dead target stays silent; after failover_timeout the second one rings.
+        while not any(r.method == "INVITE" for r in ringing.requests()):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # its 180 on the way back
+        invite = parse_message(alice.last_request)
+        assert isinstance(invite, Request)
+        ep.sendto(make_cancel(invite).to_bytes(), "127.0.0.1", site.sip_port)  # type: ignore[attr-defined]
+        # (ua.Sip matches finals by Call-ID and CSeq number: the CANCEL's 200 comes first.)
+        answered = await asyncio.wait_for(call, 5)
+        assert (answered.cseq.method, answered.status) == ("CANCEL", 200)
+        final = await alice.final(invite.call_id, invite.cseq.number)
+        assert (final.cseq.method, final.status) == ("INVITE", 487)
+        [cancel] = _requests(ringing, "CANCEL")
+        assert cancel.top_via.branch == _requests(ringing, "INVITE")[0].top_via.branch
+        assert not _requests(dead, "CANCEL")  # it never rang: no CANCEL (§9.1)
+    finally:
+        ringing.close()
+        await site.close()  # type: ignore[attr-defined]
