@@ -218,16 +218,20 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
     def _neighbors_answer(self, target: Node, source: Node) -> list[tuple[Any, ...]]:
         # Known-dead contacts are left out: others must not re-learn them from us.
         found = self.router.find_neighbors(target, k=self.router.ksize * 2, exclude=source)
-        alive = [tuple(n) for n in found if (n.ip, n.port) not in self._dead]
+        # An IPv4 contact of a dual-stack node is told as IPv4 (::ffff: means nothing to
+        # an IPv4 node, and nothing reachable to an IPv6-only one).
+        alive = [(n.id, _unmapped(n.ip), n.port) for n in found if (n.ip, n.port) not in self._dead]
         return alive[: self.router.ksize]
 
     # -- calling -----------------------------------------------------------------------
 
     async def resolve(self, host: str, port: int) -> Address | None:
         """``(ip, port)`` of ``host`` in this socket's address family, or None (logged)."""
+        # A dual-stack socket reaches an IPv4 node as ::ffff:a.b.c.d.
+        flags = socket.AI_V4MAPPED if self._dual_stack() else 0
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, family=self._family, type=socket.SOCK_DGRAM
+                host, port, family=self._family, type=socket.SOCK_DGRAM, flags=flags
             )
         except OSError as exc:
             log.warning("cannot resolve DHT bootstrap node %s:%s: %s", host, port, exc)
@@ -236,6 +240,13 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
             return None
         sockaddr = infos[0][4]
         return (str(sockaddr[0]), int(sockaddr[1]))
+
+    def _dual_stack(self) -> bool:
+        """Is ours an IPv6 socket that takes IPv4 too (``::`` without IPV6_V6ONLY)?"""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None or sock.family != socket.AF_INET6:
+            return False
+        return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
 
     def live_neighbors(self, target: Node) -> list[Node]:
         """The k closest contacts to ``target`` in the routing table, known-dead ones left out."""
@@ -362,6 +373,7 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
         if not isinstance(payload, list):
             return []
         family = self._family
+        dual = self._dual_stack()
         nodes = []
         for entry in payload[:MAX_NODES_IN_ANSWER]:
             if not (isinstance(entry, list | tuple) and len(entry) == 3):
@@ -369,7 +381,11 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
             node_id, ip, port = entry
             if not is_node_id(node_id) or node_id == self.source_node.id:
                 continue
-            if type(port) is not int or not 0 < port < 65536 or not valid_ip(ip, family):
+            if type(port) is not int or not 0 < port < 65536:
+                continue
+            if dual and valid_ip(ip, socket.AF_INET):
+                ip = f"::ffff:{ip}"  # an IPv4 node, as our dual-stack socket reaches it
+            elif not valid_ip(ip, family):
                 continue
             nodes.append(Node(node_id, ip, port))
         return nodes
@@ -495,3 +511,8 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
                 future.set_result((False, None))
         self._outstanding.clear()
         self._expect.clear()
+
+
+def _unmapped(ip: str) -> str:
+    """``::ffff:a.b.c.d`` (an IPv4 node seen by a dual-stack socket) as ``a.b.c.d``."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip

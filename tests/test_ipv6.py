@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from dht_adaptor.keys import SiteKey, TrustStore, sign_binding
+from dht_adaptor.node import DhtNode
+from dht_adaptor.record import new_binding
+from dht_adaptor.record_store import MemoryRecordStore
+
 from .support.site import ROOT
 from .support.site import Site as SiteProcess
 
@@ -174,3 +179,32 @@ def test_two_sites_join_the_dht_over_ipv6_and_relay_calls(tmp_path: Path, phone_
     finally:
         b.stop()
         a.stop()
+
+
+async def test_a_dual_stack_dht_node_joins_ipv4_and_ipv6_nodes() -> None:
+    """``--dht-listen '[::]:6084'``: one node that IPv4-only and IPv6-only nodes both
+    reach, and that carries records between them."""
+    keys = [SiteKey.generate() for _ in range(3)]
+    trust = TrustStore({k.key_id: k.public_bytes for k in keys})
+    nodes = [DhtNode(MemoryRecordStore(trust), trust, key=k, rpc_timeout=0.3) for k in keys]
+    dual, v4, v6 = nodes
+    try:
+        await dual.listen("::", 0)
+        await v4.listen("127.0.0.1", 0)
+        await v6.listen(V6, 0)
+        assert await dual.bootstrap([("127.0.0.1", v4.address[1])]) == 1  # an IPv4 seed
+        assert await v6.bootstrap([(V6, dual.address[1])]) == 1
+        # Each single-stack node knows only what it can reach.
+        assert {host for _, host, _ in v4.peers()} == {"127.0.0.1"}
+        assert {host for _, host, _ in v6.peers()} == {V6}
+        aor = "sip:bob@example.com"
+        unsigned = new_binding(
+            aor=aor, contact="sip:bob@[::1]:5062", home="sip:[::1]:5060", site="v6",
+            version=1, now=time.time(), expires=3600,
+        )  # fmt: skip
+        binding = sign_binding(unsigned, keys[2])
+        assert await v6.put(aor, [binding]) >= 2
+        assert await v4.get(aor) == (binding,)  # through the dual-stack node
+    finally:
+        for node in nodes:
+            await node.close()
