@@ -156,7 +156,7 @@ class NatKeepalive:
 
     def _options(self, contact: str, flow: Flow) -> Request:
         me = self._me
-        host = f"[{me.host}]" if ":" in me.host else me.host
+        host = me.host  # as URIs write it: an IPv6 address is in brackets already
         headers = Headers()
         headers.add("Via", me.via(flow.transport, make_branch("nat", secrets.token_hex(8))))
         headers.add("Max-Forwards", "70")
