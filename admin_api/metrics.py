@@ -133,6 +133,10 @@ EDGE_COUNTERS = {
     "nat_keepalives_sent": ("nat_keepalives_sent", "OPTIONS keeping UDP phones' NAT open"),
     "nat_bindings_removed": ("nat_bindings_removed", "bindings of phones that stopped answering"),
     "flow_failed": ("flow_failed", "requests answered 430: the phone's outbound flow died"),
+    "trusted_peer_requests": ("trusted_peer_requests", "requests from trusted peers"),
+    "dns_queries": ("dns_queries", "DNS queries made (RFC 3263)"),
+    "dns_query_failures": ("dns_query_failures", "DNS queries that failed"),
+    "failovers": ("failovers", "requests moved on to the next DNS target"),
 }
 EDGE_GAUGES = {
     "overloaded": ("overloaded", "1 while new requests are shed with 503"),
