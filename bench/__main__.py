@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -119,8 +120,13 @@ def _tools(servers: list[str], plots: bool, all_setups: dict[str, Any]) -> dict[
     return found
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so that every server and SIPp started is stopped on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     cores = os.cpu_count() or 1
     all_setups = setups(cores)
     if args.report_only:

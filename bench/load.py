@@ -145,16 +145,21 @@ class Sipp:
         """Wait for SIPp to exit (killed after its own -timeout plus 15 s), calling
         ``tick(elapsed)`` about once a second; its CPU time comes from wait4."""
         deadline = self.started + self.timeout_s + 15
-        while True:
-            pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
-            if pid:
-                break
-            now = time.monotonic()
-            if now > deadline:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            if tick is not None:
-                tick(now - self.started)
-            time.sleep(0.2 if tick is None else 1.0)
+        try:
+            while True:
+                pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
+                if pid:
+                    break
+                now = time.monotonic()
+                if now > deadline:
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                if tick is not None:
+                    tick(now - self.started)
+                time.sleep(0.2 if tick is None else 1.0)
+        except BaseException:  # interrupted: SIPp runs in its own session, take it along
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+            raise
         self.wall_s = time.monotonic() - self.started
         self.cpu_s = usage.ru_utime + usage.ru_stime
         self.popen.returncode = os.waitstatus_to_exitcode(status)
