@@ -299,6 +299,11 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
             self.spawn_background(self._confirm(node))
 
     async def _confirm(self, node: Node) -> None:
+        """Ping a contact marked dead: it leaves the routing table if it stays silent
+        (also when probed long after its mark: a confirmation our own lag spoiled would
+        otherwise leave a dead contact in the table for good)."""
+        if node.id in self._confirming:
+            return
         self._confirming.add(node.id)
         try:
             address = (node.ip, node.port)
@@ -434,7 +439,7 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
                 self._welcomed[node_id] = now
                 self.spawn_background(self._replicate_to(node, ping_first=True))
         for node in self._dead.to_probe(now, _PROBES_PER_TICK):
-            self.spawn_background(self.ping_address((node.ip, node.port)))
+            self.spawn_background(self._confirm(node))
 
     def keys_for(self, node: Node) -> list[bytes]:
         """The indexed keys ``node`` should now be sent by us: it is among the k closest
