@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import BadExtension, LoopDetected, TooManyHops, UnsupportedUriScheme
 from .grammar import get_param, split_commas
-from .headers import parse_name_addr
+from .headers import Via, parse_name_addr
 from .message import Request
 from .tokens import DIALOG_PARAM
 from .uri import SipUri, TelUri
@@ -225,7 +225,4 @@ def received_params(req: Request, host: str, port: int) -> None:
             params = [(k, v) for k, v in params if k.lower() != "received"] + [("received", host)]
         changed = True
     if changed:
-        new_top = str(via.with_params(tuple(params)))
-        req.headers.pop_first_value("Via")
-        req.headers.insert_before_first("Via", new_top)
-        req.invalidate()
+        req.set_top_via(Via(via.transport, via.host, via.port, tuple(params), via.version))

@@ -7,6 +7,7 @@ expanded), values as unfolded text. Typed views (:class:`Via`, :class:`NameAddr`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -25,7 +26,7 @@ from .grammar import (
     split_commas,
     unquote,
 )
-from .uri import AbsoluteUri, SipUri, Uri, parse_host, parse_uri
+from .uri import AbsoluteUri, SipUri, Uri, parse_host, parse_port, parse_uri
 
 COMPACT = {
     "a": "Accept-Contact", "b": "Referred-By", "c": "Content-Type", "d": "Request-Disposition",
@@ -168,6 +169,22 @@ class Headers:
                 return
         self._items.append((name, value))
 
+    def replace_first_value(self, name: str, value: str) -> None:
+        """Replace the first list element of ``name`` (e.g. the top Via) by ``value``, on
+        a line of its own: as ``pop_first_value`` then ``insert_before_first``, in one
+        pass. Adds the line when there is none."""
+        name = _key(name)
+        items = self._items
+        for i, (n, v) in enumerate(items):
+            if n == name:
+                if "," in v and len(parts := split_commas(v)) > 1:
+                    items[i] = (n, ", ".join(parts[1:]))
+                    items.insert(i, (name, value))
+                else:
+                    items[i] = (name, value)
+                return
+        items.insert(0, (name, value))
+
     def pop_first_value(self, name: str) -> str | None:
         """Remove and return the first list element of ``name`` (e.g. the top Via)."""
         name = _key(name)
@@ -230,6 +247,15 @@ def _expect(s: str, i: int, ch: str, what: str) -> int:
     return skip_ws(s, i + 1)
 
 
+# The Via every phone and proxy writes: "SIP/2.0/UDP host[:port]" with single spaces, a
+# host name or IPv4 address of _HOSTNAME_CHARS (or an IPv6 reference), and parameters
+# or nothing after it. Matched at once; anything else (and any error) goes to the
+# scanner of parse_via, which reads the whole grammar and names what is wrong.
+_COMMON_VIA = re.compile(
+    r"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9\-.]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]+))?(?=[ \t;]|\Z)"
+).match
+
+
 def parse_via(value: str) -> Via:
     """Parse one Via element. LWS is allowed around "/" and ":" (RFC 3261 §25.1 SLASH).
 
@@ -238,6 +264,24 @@ def parse_via(value: str) -> Via:
     in that version (RFC 4475 §3.1.2.16 badvers: ``SIP/7.0/UDP``). ``validate_request``
     and ``validate_response`` refuse a SIP/2.0 message that carries one.
     """
+    m = _COMMON_VIA(value)
+    if m is not None:
+        transport, host, digits = m.groups()
+        try:
+            if host[0] == "[":
+                host, port = parse_host(host if digits is None else f"{host}:{digits}")
+            else:
+                port = None if digits is None else parse_port(digits)
+            params, end = parse_params(value, m.end())
+        except ParseError:
+            pass  # the scanner says why
+        else:
+            if end == len(value):
+                return Via(transport.upper(), host, port, params, "2.0")
+    return _scan_via(value)
+
+
+def _scan_via(value: str) -> Via:
     s = value
     i = skip_ws(s, 0)
     j = scan(s, i, TOKEN_CHARS)
@@ -344,7 +388,7 @@ def parse_name_addr(value: str) -> NameAddr:
         if gt < 0:
             raise ParseError("unterminated <URI>")
         text = s[i + 1 : gt]
-        if not text or any(c in WS for c in text):
+        if not text or " " in text or "\t" in text:
             raise ParseError("whitespace inside <URI>")
         uri = parse_uri(text)
         params, end = parse_params(s, gt + 1)
@@ -354,16 +398,14 @@ def parse_name_addr(value: str) -> NameAddr:
         # the URI MUST be enclosed in angle brackets", so parameters here are header params.
         semi = s.find(";")
         text = (s if semi < 0 else s[:semi]).strip(WS)
-        if "?" in text or any(c in WS for c in text):
+        if "?" in text or " " in text or "\t" in text:
             raise ParseError("address with headers or spaces must be enclosed in <>")
         uri = parse_uri(text)
         params, end = parse_params(s, len(text) if semi < 0 else semi)
         bracketed = False
     if end != len(s):
         raise ParseError("malformed address parameters")
-    for name, _ in params:
-        if not is_token(name):
-            raise ParseError("malformed address parameter")
+    # (parse_params reads names as tokens only: nothing more to check here.)
     return NameAddr(uri, display, params, bracketed)
 
 

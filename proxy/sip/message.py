@@ -73,7 +73,7 @@ _METHOD_CHARS = TOKEN_CHARS
 class Message:
     """What requests and responses share: headers, body and cached typed views."""
 
-    __slots__ = ("_cseq", "_from", "_to", "_top_via", "_vias", "body", "headers")
+    __slots__ = ("_contacts", "_cseq", "_from", "_to", "_top_via", "_vias", "body", "headers")
 
     def __init__(self, headers: Headers, body: bytes = b"") -> None:
         self.headers = headers
@@ -83,11 +83,21 @@ class Message:
         self._cseq: CSeq | None = None
         self._from: NameAddr | None = None
         self._to: NameAddr | None = None
+        self._contacts: list[NameAddr] | None = None
 
-    # Typed views. They parse on first use; code that changes a header it has read
-    # through a view calls ``invalidate()``.
+    # Typed views. They parse on first use, once; code that changes a header it has read
+    # through a view calls ``invalidate()`` (or, for the top Via, ``set_top_via``).
     def invalidate(self) -> None:
         self._vias = self._top_via = self._cseq = self._from = self._to = None
+        self._contacts = None
+
+    def set_top_via(self, via: Via) -> None:
+        """Replace the top Via element by ``via``, in the header and in the views; every
+        other view stays (noting where a request came from re-parses nothing)."""
+        self.headers.replace_first_value("Via", str(via))
+        self._top_via = via
+        if self._vias is not None:
+            self._vias = [via, *self._vias[1:]]
 
     def _single(self, name: str) -> str:
         value = self.headers.get(name)
@@ -103,7 +113,13 @@ class Message:
             values = self.headers.values("Via")
             if not values:
                 raise ParseError("missing Via header")
-            v = self._vias = [parse_via(x) for x in values]
+            top = self._top_via  # the same text as values[0] (first_element agrees)
+            if top is None:
+                v = [parse_via(x) for x in values]
+                self._top_via = v[0]
+            else:
+                v = [top, *[parse_via(x) for x in values[1:]]]
+            self._vias = v
         return v
 
     @property
@@ -145,6 +161,14 @@ class Message:
     def contacts(self) -> list[str]:
         """The raw Contact elements (``*`` included), comma lists split."""
         return self.headers.values("Contact")
+
+    @property
+    def contact_addrs(self) -> list[NameAddr]:
+        """The Contact elements parsed, ``*`` left out; ParseError if one is malformed."""
+        v = self._contacts
+        if v is None:
+            v = self._contacts = [parse_name_addr(c) for c in self.contacts if c != "*"]
+        return v
 
     def to_bytes(self) -> bytes:
         raise NotImplementedError
@@ -294,9 +318,30 @@ def _is_status_line(line: str) -> bool:
     return _is_ascii_upper(line[:4], "SIP/")
 
 
+# Header names as written (what precedes the colon) -> canonical name, for the names
+# seen so far: most messages spell the same dozen names, and one dictionary lookup
+# replaces the strip, the token check and the canonical lookup of each. Only valid
+# names are kept, and no more than _MAX_NAMES of them, so that a sender making up
+# names cannot grow it: past the bound, new names are just checked every time.
+_NAMES: dict[str, str] = {}
+_MAX_NAMES = 1024
+
+
+def _header_name(raw: str) -> str:
+    """The canonical name of a header name as written; ParseError if it is no token."""
+    name = raw.rstrip(WS)
+    if not is_token(name):
+        raise ParseError("malformed header name")
+    name = canonical_name(name)
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[raw] = name
+    return name
+
+
 def _split_header_block(text: str) -> list[tuple[str, str]]:
     """Split the header block into (canonical name, value) pairs, unfolding continuations."""
     items: list[tuple[str, str]] = []
+    names = _NAMES
     for line in text.split("\r\n"):
         if not line:
             continue
@@ -313,10 +358,9 @@ def _split_header_block(text: str) -> list[tuple[str, str]]:
         colon = line.find(":")
         if colon <= 0:
             raise ParseError("header line without a colon")
-        name = line[:colon].rstrip(WS)
-        if not is_token(name):
-            raise ParseError("malformed header name")
-        items.append((canonical_name(name), line[colon + 1 :].strip(WS)))
+        raw = line[:colon]
+        name = names.get(raw) or _header_name(raw)
+        items.append((name, line[colon + 1 :].strip(WS)))
     return items
 
 
@@ -463,9 +507,7 @@ def validate_request(req: Request) -> None:
         raise ParseError("Request-URI must not contain headers")
     if req.method == "REGISTER":
         # The registrar stores these, so they must parse (RFC 4475 §3.1.2.13).
-        for contact in req.contacts:
-            if contact != "*":
-                parse_name_addr(contact)
+        _ = req.contact_addrs
 
 
 _RESPONSE_SINGLE_VALUED = frozenset(["Call-ID", "CSeq", "From", "To"])
@@ -478,8 +520,12 @@ def validate_response(resp: Response) -> None:
     _ = resp.cseq, resp.call_id, resp.from_, resp.to
 
 
-def _has_tag(to_value: str) -> bool:
+def _has_tag(req: Request | PartialMessage, to_value: str) -> bool:
     try:
+        # A request's To is parsed already (when it has one To: a malformed request may
+        # have several, each answered with its own).
+        if isinstance(req, Request) and req.headers.get("To") is to_value:
+            return req.to.tag is not None
         return parse_name_addr(to_value).tag is not None
     except ParseError:
         # A request we answer because it is malformed: look for the text only.
@@ -506,7 +552,7 @@ def make_response(
         if name in ("Via", "From", "Call-ID", "CSeq"):
             headers.add(name, value)
         elif name == "To":
-            if to_tag and status != 100 and not _has_tag(value):
+            if to_tag and status != 100 and not _has_tag(req, value):
                 value = f"{value};tag={to_tag}"
             headers.add(name, value)
         elif (name == "Record-Route" and 100 < status < 300) or (

@@ -22,7 +22,7 @@ from .errors import (
 )
 from .headers import NameAddr, parse_delta_seconds, parse_name_addr
 from .message import Request, Response, error_response, make_response
-from .uri import SipUri, aor_of
+from .uri import SipUri, Uri, aor_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +96,15 @@ def contact_key(uri_text: str) -> str:
         uri = parse_name_addr(f"<{uri_text}>").uri
     except ParseError:
         return uri_text
+    return uri_key(uri)
+
+
+def uri_key(uri: Uri) -> str:
+    """:func:`contact_key` of a URI already parsed (``contact_key(str(uri))``)."""
     if isinstance(uri, SipUri):
-        return str(replace(uri, scheme=uri.scheme.lower(), host=uri.host.lower()))
+        scheme, host = uri.scheme.lower(), uri.host.lower()
+        if scheme != uri.scheme or host != uri.host:
+            uri = replace(uri, scheme=scheme, host=host)
     return str(uri)
 
 
@@ -274,7 +281,7 @@ def _apply(
                 raise _out_of_order()
         return [], None
 
-    parsed = [parse_name_addr(c) for c in contacts]
+    parsed = req.contact_addrs  # parsed once, by validate_request
     outbound = _outbound_contact(req, parsed)
     updates: list[tuple[NameAddr, int]] = []
     for contact in parsed:
@@ -284,12 +291,15 @@ def _apply(
             raise IntervalTooBrief(config.min_expires)
         updates.append((contact, expires))
 
-    by_key = {contact_key(b.contact): b for b in bindings}
+    # Keys of the contacts asked for, by their text: a binding registered with the same
+    # text (a refresh, as phones send) has the same key, without parsing it again.
+    keys = {str(contact.uri): uri_key(contact.uri) for contact, _ in updates}
+    by_key = {keys.get(b.contact) or contact_key(b.contact): b for b in bindings}
     changed = False
     bound_outbound = None
     for contact, expires in updates:
         uri_text = str(contact.uri)
-        key = contact_key(uri_text)
+        key = keys[uri_text]
         instance = contact.param("+sip.instance")
         reg_id = _reg_id(contact)
         old = by_key.get(key)
@@ -338,4 +348,5 @@ __all__ = [
     "process_register",
     "register_aor",
     "serves",
+    "uri_key",
 ]

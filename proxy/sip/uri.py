@@ -9,6 +9,7 @@ brackets or stray quotes is a :class:`ParseError`; any other scheme parses to an
 from __future__ import annotations
 
 import ipaddress
+import re
 import string
 from dataclasses import dataclass, replace
 from urllib.parse import unquote as _pct_unquote
@@ -186,7 +187,26 @@ def _split_params(text: str, allowed: frozenset[str]) -> Params:
     return tuple(params)
 
 
+# The SIP URI most messages carry: [user "@"] hostname-or-IPv4 [":" port] [";" params],
+# with no password, no %-escapes, no headers and no other "@". The classes are subsets
+# of the ones parse_sip_uri checks (the user's: _USER_CHARS but "%"), so a match means
+# the checks it skips would pass; the parameters are split and checked as there.
+_COMMON_SIP = re.compile(
+    r"(?:([A-Za-z0-9\-_.!~*'()&=+$,;?/]+)@)?([A-Za-z0-9\-.]+)(?::([0-9]+))?(?:;([^?@]*))?"
+).fullmatch
+
+
 def parse_sip_uri(scheme: str, rest: str) -> SipUri:
+    m = _COMMON_SIP(rest)
+    if m is None:
+        return _scan_sip_uri(scheme, rest)
+    user, host, digits, ptext = m.groups()
+    port = None if digits is None else parse_port(digits)
+    params = () if ptext is None else _split_params(ptext, _PARAM_CHARS)
+    return SipUri(scheme, user, host, port, params)
+
+
+def _scan_sip_uri(scheme: str, rest: str) -> SipUri:
     user: str | None = None
     password: str | None = None
     at = rest.find("@")
@@ -213,6 +233,8 @@ def parse_sip_uri(scheme: str, rest: str) -> SipUri:
 
 
 def parse_uri(text: str) -> Uri:
+    if text.startswith("sip:"):  # most URIs: the scheme's checks below would pass
+        return parse_sip_uri("sip", text[4:])
     colon = text.find(":")
     if colon <= 0 or text[0] not in _ALPHA or not _SCHEME_CHARS.issuperset(text[:colon]):
         raise ParseError(f"not a URI: {text[:40]!r}")
