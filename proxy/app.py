@@ -16,9 +16,11 @@ from typing import Any
 
 from admin_api.app import create_app
 from admin_api.server import AdminServer
+from dht_adaptor.keys import TrustStore
 from dht_adaptor.node import DhtNode
 
 from .config import Config
+from .siblings import WorkerPlan
 from .site import Site, StartupError, admin_token, build_site, close_dht, open_dht
 
 __all__ = ["StartupError", "admin_token", "keep_joined", "run_dht", "run_site"]
@@ -43,12 +45,12 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 @contextlib.contextmanager
-def _reload_trust_on_sighup(node: DhtNode) -> Iterator[None]:
+def _reload_trust_on_sighup(trust: TrustStore) -> Iterator[None]:
     """While inside, SIGHUP reloads the trust folder (logging what changed, or why the
     previous trust is kept)."""
     loop = asyncio.get_running_loop()
     try:
-        loop.add_signal_handler(signal.SIGHUP, node.trust.reload, "SIGHUP")
+        loop.add_signal_handler(signal.SIGHUP, trust.reload, "SIGHUP")
     except (NotImplementedError, RuntimeError):
         yield  # no signals here (not the main thread): the folder is still watched
         return
@@ -111,7 +113,7 @@ async def run_dht(config: Config, ready: asyncio.Event | None = None) -> None:
     stop = _stop_on_signals()
     node, _key = await open_dht(config)
     try:
-        with _reload_trust_on_sighup(node):
+        with _reload_trust_on_sighup(node.trust):
             async with _background(*_joining(node, config)):
                 await _serve_until(stop, ready)
     finally:
@@ -124,27 +126,31 @@ async def _log_stats_every(interval: float, site: Site) -> None:
         log.info("stats: %s", json.dumps(site.stats(), sort_keys=True))
 
 
-async def run_site(config: Config, ready: asyncio.Event | None = None) -> None:
+async def run_site(
+    config: Config, ready: asyncio.Event | None = None, *, worker: WorkerPlan | None = None
+) -> None:
+    """``p2psip run`` with one process, or one worker process of several (``worker``,
+    proxy.workers: only worker 0 serves the admin API and runs the DHT node)."""
     stop = _stop_on_signals()
-    site = await build_site(config)
+    site = await build_site(config, worker=worker)
     site.server.transport.guard_resources()  # fd limit up; EMFILE logged once per interval
     admin: AdminServer | None = None
     try:
         await site.start()
         listen = config.admin_listen
-        admin = AdminServer(create_app(site.services), listen.host, listen.port)
+        if site.services is not None:
+            admin = AdminServer(create_app(site.services), listen.host, listen.port)
+            try:
+                await admin.start()
+            except OSError as exc:
+                admin = None
+                reason = exc.strerror or exc
+                raise StartupError(f"cannot listen on {listen} (admin API): {reason}") from None
+        jobs: list[Job] = [lambda: _log_stats_every(STATS_INTERVAL, site)]
+        if site.node is not None:
+            jobs += _joining(site.node, config)
         try:
-            await admin.start()
-        except OSError as exc:
-            admin = None
-            reason = exc.strerror or exc
-            raise StartupError(f"cannot listen on {listen} (admin API): {reason}") from None
-        jobs: list[Job] = [
-            lambda: _log_stats_every(STATS_INTERVAL, site),
-            *_joining(site.node, config),
-        ]
-        try:
-            with _reload_trust_on_sighup(site.node):
+            with _reload_trust_on_sighup(site.trust):
                 async with _background(*jobs):
                     await _serve_until(stop, ready)
                     await site.drain(config.shutdown_grace)

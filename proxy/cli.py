@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _dht_options(run, listen_flag="--dht-listen")
     run.add_argument("--redis-url", metavar="URL", help="redis://HOST:PORT/DB for persistence")
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        help="worker processes sharing the SIP ports (default 1; 0 or auto: one per core; "
+        "more than 1 needs --redis-url)",
+    )
     run.add_argument("--admin-listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
     run.add_argument("--admin-token", metavar="TOKEN")
     run.add_argument("--users", dest="users_file", metavar="FILE", help="TOML users file")
@@ -172,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         return _lookup(config, args.aor, args.timeout)
     if args.command == "ping":
         return _ping(config, args.node, args.timeout)
+    if args.command == "run" and config.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(config)
     from .app import StartupError, run_dht, run_site
 
     try:

@@ -136,6 +136,9 @@ class Config:
     dns_server: HostPort | None = None
     failover_timeout: float = 2.0  # a silent target is left for the next one (RFC 3263 §4.3)
     redis_url: str | None = None
+    # Worker processes sharing the SIP ports (SO_REUSEPORT; proxy.workers); "auto" or 0
+    # in a file, flag or variable means one per core. More than one needs redis_url.
+    workers: int = 1
     admin_listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8080))
     admin_token: str | None = None
     users_file: Path | None = None
@@ -282,6 +285,7 @@ _SCALARS: dict[str, Any] = {
     "dns_server": lambda v, n: parse_hostport(_str(v, n), n, 53),
     "failover_timeout": _float,
     "redis_url": _redis_url,
+    "workers": lambda v, n: _workers(v, n),
     "admin_listen": lambda v, n: parse_hostport(_str(v, n), n, 8080),
     "admin_token": _str,
     "users_file": lambda v, n: Path(_str(v, n)),
@@ -347,6 +351,28 @@ def _digest_algorithm(v: Any, name: str) -> str:
     if algorithm not in ("MD5", "SHA-256"):
         raise ConfigError(f"{name}: expected MD5 or SHA-256, got {v!r}")
     return algorithm
+
+
+MAX_WORKERS = 256
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _workers(v: Any, name: str) -> int:
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return cores()
+    n = _int(v, name)
+    if n == 0:
+        return cores()
+    if n > MAX_WORKERS:
+        raise ConfigError(f"{name}: at most {MAX_WORKERS} workers, got {n}")
+    return n
 
 
 def _home_transport(v: Any, name: str) -> str:
@@ -457,6 +483,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("auth_block_time must not be larger than auth_block_max")
     if cfg.t1 > cfg.t2:
         raise ConfigError("t1 must not be larger than t2")
+    if cfg.workers > 1 and not cfg.redis_url:
+        raise ConfigError(
+            f"{cfg.workers} workers need --redis-url: they share the bindings and users there"
+        )
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise ConfigError("tls_cert and tls_key go together: set both, or neither")
     if not is_loopback(cfg.admin_listen.host) and not cfg.admin_token:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 # up, for keep-alives delayed on the way (STUN retransmits a lost one within seconds).
 FLOW_GRACE = 10.0
 SWEEP_INTERVAL = 60.0  # seconds between sweeps of expired bindings from memory
+# Contacts registered through the site's other worker processes (--workers), with their
+# flows: the least recently told are forgotten past this many (a lookup finds them again).
+MAX_LEARNT_FLOWS = 200_000
 
 
 class KnownUsers(Protocol):
@@ -55,10 +59,14 @@ class LocalDirectory:
         *,
         udp_flow_timeout: float = 60.0 + FLOW_GRACE,
         monotonic: Callable[[], float] = time.monotonic,
+        on_flow: Callable[[str, str], None] | None = None,
     ) -> None:
         """``udp_flow_timeout``: seconds of silence after which a UDP outbound flow has
-        failed (its Flow-Timer plus a grace)."""
+        failed (its Flow-Timer plus a grace). ``on_flow(contact, flow)``: told when a
+        contact is noted over a flow it was not known over (the other workers learn it,
+        ``proxy.siblings``)."""
         self.store = store
+        self._on_flow = on_flow
         self._users = users
         self._clock = clock
         self._monotonic = monotonic
@@ -67,6 +75,8 @@ class LocalDirectory:
         self.known_aors: set[str] = set()
         # contact URI -> flow of the REGISTER that bound it (for in-dialog requests via NAT).
         self.contact_flows: dict[str, str] = {}
+        # The same for contacts registered through the site's other worker processes.
+        self._learnt: OrderedDict[str, str] = OrderedDict()
         # This site's bindings as last registered, (AOR, contact) -> binding: what the NAT
         # keep-alives ping. Expired ones are swept out every SWEEP_INTERVAL.
         self.local: dict[tuple[str, str], Binding] = {}
@@ -95,13 +105,17 @@ class LocalDirectory:
         contact of ``new`` that was just registered with RFC 5626 outbound."""
         self.known_aors.add(aor)
         kept = {b.contact: b for b in new}
+        flows = self.contact_flows
+        before = {b.contact: flows.get(b.contact) for b in new} if self._on_flow else {}
         for b in old:
-            self.contact_flows.pop(b.contact, None)
+            flows.pop(b.contact, None)
             if kept.get(b.contact) != b:  # gone, or registered again
                 self._drop(aor, b.contact)
         for b in new:
             if b.source:
-                self.contact_flows[b.contact] = b.source
+                flows[b.contact] = b.source
+                if self._on_flow is not None and before.get(b.contact) != b.source:
+                    self._on_flow(b.contact, b.source)
             self.local[(aor, b.contact)] = b
             if b.contact == outbound and b.source:
                 self._bind_outbound(aor, b.contact, b.source)
@@ -110,7 +124,14 @@ class LocalDirectory:
             self.sweep(now)
 
     def flow_of(self, contact: str) -> str | None:
-        return self.contact_flows.get(contact)
+        return self.contact_flows.get(contact) or self._learnt.get(contact)
+
+    def learn_flow(self, contact: str, flow: str) -> None:
+        """Another worker process of the site registered ``contact`` over ``flow``."""
+        self._learnt[contact] = flow
+        self._learnt.move_to_end(contact)
+        if len(self._learnt) > MAX_LEARNT_FLOWS:
+            self._learnt.popitem(last=False)
 
     def is_known(self, aor: str) -> bool:
         if aor in self.known_aors:

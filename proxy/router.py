@@ -80,9 +80,12 @@ class Router:
         sites: SiteDirectory | None = None,
         home_timeout: float = 1.2,
         failover: Failover | None = None,
+        handover: Callable[[Response], bool] | None = None,
     ) -> None:
         """``relay_key`` signs the requests this site relays to other sites' home
-        proxies; ``relays`` checks those other sites relay here (proxy.relay_auth)."""
+        proxies; ``relays`` checks those other sites relay here (proxy.relay_auth).
+        ``handover``: with several worker processes, takes a response whose client
+        transaction another worker holds (proxy.siblings); True if it did."""
         self.me = identity
         self.domains = identity.domains
         self._transactions = transactions
@@ -101,6 +104,7 @@ class Router:
         self._sites = sites
         self._home_timeout = home_timeout
         self._failover = failover
+        self._handover = handover
 
     # --- classification ----------------------------------------------------------------
 
@@ -494,6 +498,8 @@ class Router:
         (a retransmission, or another branch's answer) still goes upstream. Only a 2xx
         to an INVITE, and only along a Via our branch vouches for: anything else that
         names us on top is made up, and would make us send packets anywhere."""
+        if self._handover is not None and self._handover(resp):
+            return  # another worker process sent the request: its transaction takes it
         if resp.cseq.method != "INVITE" or not 200 <= resp.status < 300:
             return
         top = resp.top_via

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
@@ -60,6 +61,7 @@ from .relay_auth import RelayVerifier
 from .resolver import Resolver
 from .router import Router
 from .server import SipServer
+from .siblings import Handlers, Siblings, WorkerPlan, quiet, worker_identity
 from .sip.forwarding import ProxyIdentity
 from .sip.message import ParseLimits
 from .sip.registrar import RegistrarConfig
@@ -72,8 +74,9 @@ from .tasks import Tasks
 from .tls import PeerVerifier, TlsError, check_pair, endpoint, phone_certificate, site_certificate
 from .transactions import TransactionLayer
 from .transport import TransportLayer
-from .user_store import UserStore, UserStoreError, open_user_store
+from .user_store import RedisUserStore, UserStore, UserStoreError, open_user_store
 from .users import UsersFileError
+from .worker_dht import ChangePublisher, RemoteAdaptor, serve_locate
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +203,19 @@ async def open_dht(config: Config) -> tuple[DhtNode, SiteKey]:
     return node, key
 
 
+def open_trust(config: Config) -> tuple[SiteKey, TrustStore]:
+    """This site's key and trust list without a DHT node (workers 1..N-1: worker 0 runs
+    the node), the trust folder watched as open_dht does."""
+    try:
+        key = SiteKey.load_or_create(config.data_dir)
+        trust = TrustStore.from_dir(config.trust_dir, key)
+    except KeyFileError as exc:
+        raise StartupError(str(exc)) from None
+    if config.trust_dir is not None:
+        trust.start_watching()
+    return key, trust
+
+
 async def close_dht(node: DhtNode) -> None:
     await node.trust.stop_watching()
     await node.close()
@@ -303,9 +319,11 @@ async def listen_tls(
     key: SiteKey,
     trust: TrustStore,
     homes: Callable[[], list[tuple[str, str]]],
+    sock: socket.socket | None = None,
 ) -> int:
     """Certificates (proxy.tls) and the TLS listener; returns its port. ``homes`` gives
-    the member sites' (home proxy, key id) pairs, whose certificates are checked."""
+    the member sites' (home proxy, key id) pairs, whose certificates are checked.
+    ``sock``: the listener the supervisor bound for this worker (``--workers``)."""
     listen = tls_listen_of(config)
     host = config.advertise or config.sip_listen.host
     if host in ("0.0.0.0", "::"):
@@ -322,7 +340,7 @@ async def listen_tls(
     except TlsError as exc:
         raise StartupError(str(exc)) from None
     try:
-        port = await transport.listen_tls(listen.host, listen.port, tls)
+        port = await transport.listen_tls(listen.host, listen.port, tls, sock)
     except OSError as exc:
         raise StartupError(f"cannot listen on {listen} (TLS): {exc.strerror or exc}") from None
     log.info("SIP over TLS listening on %s:%d (site key %s vouches for it to other sites)",
@@ -331,6 +349,17 @@ async def listen_tls(
 
 
 # --- the site ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class WorkerParts:
+    """What one worker process of several (``--workers``) has beyond a site's parts."""
+
+    plan: WorkerPlan
+    siblings: Siblings
+    handlers: Handlers
+    directory: LocalDirectory
+    publisher: ChangePublisher | None  # worker 0: publishes what the others changed
 
 
 @dataclass(eq=False)
@@ -344,16 +373,18 @@ class Site:
     registrar: RegistrarService
     router: Router
     server: SipServer
-    node: DhtNode
+    node: DhtNode | None  # None in workers 1..N-1: worker 0 runs the site's node
     key: SiteKey
-    adaptor: DhtAdaptor
+    trust: TrustStore
+    adaptor: DhtAdaptor | None  # None in workers 1..N-1 (proxy.worker_dht)
     dht: DhtRouter
-    services: SiteServices
+    services: SiteServices | None  # the admin API's; worker 0 serves it
     sites: SiteDirectory
     prober: SiteProber
     nat_keepalive: NatKeepalive | None
     _jobs: Tasks = field(repr=False)
     _closing: contextlib.AsyncExitStack = field(repr=False)
+    worker: WorkerParts | None = None
 
     @property
     def sip_port(self) -> int:
@@ -361,19 +392,51 @@ class Site:
 
     async def start(self) -> None:
         """Serve SIP and publish to the DHT (what run_site does before serving)."""
+        worker = self.worker
+        if worker is not None:
+            await worker.siblings.start(worker.handlers)
         self.server.serve()
-        self.adaptor.start()
+        if self.adaptor is not None:
+            self.adaptor.start()
+        if worker is not None and worker.publisher is not None:
+            self._jobs.spawn(worker.publisher.run())
         self._jobs.spawn(self.prober.run())
         if self.nat_keepalive is not None:
             self._jobs.spawn(self.nat_keepalive.run())
-        await self.registrar.republish_all()
+        if self.adaptor is not None:
+            with quiet():  # what the store holds, not registered through this worker
+                await self.registrar.republish_all()
+        else:
+            self._jobs.spawn(self._learn_flows())
+
+    async def _learn_flows(self) -> None:
+        """Workers 1..N-1: learn the flow of every contact the store holds, for
+        in-dialog requests to phones behind NAT (worker 0 republishes them instead)."""
+        assert self.worker is not None
+        now = time.time()
+        directory = self.worker.directory
+        try:
+            async for aor in self.store.aors():
+                for b in await self.store.load(aor, now):
+                    if b.source:
+                        directory.learn_flow(b.contact, b.source)
+        except LocationError as exc:
+            log.warning("cannot read the bindings' flows: %s", exc)
 
     def stats(self) -> dict[str, float]:
         """One flat snapshot of the site's counters (logged; served by the admin API)."""
         out: dict[str, float] = dict(self.counters.snapshot())
-        out.update(self.adaptor.stats.snapshot())
-        out["dht_backlog"] = self.adaptor.backlog
-        out.update({f"dht_node_{k}": v for k, v in self.node.stats().items()})
+        if self.adaptor is not None:
+            out.update(self.adaptor.stats.snapshot())
+            out["dht_backlog"] = self.adaptor.backlog
+        if self.node is not None:
+            out.update({f"dht_node_{k}": v for k, v in self.node.stats().items()})
+        if self.worker is not None:
+            out["worker"] = self.worker.siblings.index
+            out.update(self.worker.siblings.stats.snapshot())
+            if self.worker.publisher is not None:
+                out["workers_published"] = self.worker.publisher.published
+                out["workers_publish_backlog"] = self.worker.publisher.backlog
         cache = self.dht.cache
         out["dht_cache_hits"] = cache.hits
         out["dht_cache_misses"] = cache.misses
@@ -393,7 +456,7 @@ class Site:
                  busy, cancelled)  # fmt: skip
         while self._busy() and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if self.adaptor.backlog:
+        if self.adaptor is not None and self.adaptor.backlog:
             await self.adaptor.flush(max(0.0, deadline - loop.time()))
         left = self._busy()
         if left:
@@ -415,10 +478,12 @@ async def build_site(
     clock: Callable[[], float] = time.time,
     make_resolver: type[Resolver] = Resolver,
     dht_retry_delays: Sequence[float] = RETRY_DELAYS,
+    worker: WorkerPlan | None = None,
 ) -> Site:
     """Open, bind and build everything a site runs, or raise StartupError (closing
     whatever was opened). ``make_resolver`` lets tests keep forwarded requests on this
-    machine; ``dht_retry_delays`` lets them retry DHT writes sooner."""
+    machine; ``dht_retry_delays`` lets them retry DHT writes sooner. ``worker``: this
+    process is one of several workers of the site (proxy.workers, proxy.siblings)."""
     async with contextlib.AsyncExitStack() as stack:
         store = await open_store(config)
         stack.push_async_callback(store.close)
@@ -427,10 +492,13 @@ async def build_site(
 
         counters = SipCounters()
         peers = TrustedPeers(config.trusted_peers)
+        siblings = Siblings(worker) if worker is not None else None
         # Told by the transport which flows end (RFC 5626 outbound: 430 for their phones).
         directory = LocalDirectory(
-            store, users, clock, udp_flow_timeout=config.flow_timer + FLOW_GRACE
-        )
+            store, users, clock, udp_flow_timeout=config.flow_timer + FLOW_GRACE,
+            on_flow=siblings.flow_noted if siblings is not None else None,
+        )  # fmt: skip
+        flow_events = siblings.flow_events(directory) if siblings is not None else directory
         transport = TransportLayer(
             idle_timeout=config.tcp_idle_timeout, partial_timeout=config.tcp_partial_timeout,
             flood=FloodGuard(
@@ -442,15 +510,17 @@ async def build_site(
                 lambda: len(transactions.server_txs),  # bound below, before any socket
             ),
             counters=counters, max_tcp_per_address=config.max_tcp_per_address,
-            max_tcp_connections=config.max_tcp_connections, flow_events=directory,
+            max_tcp_connections=config.max_tcp_connections, flow_events=flow_events,
+            siblings=siblings,
         )  # fmt: skip
         # Before the sockets open: a datagram may come while the rest is being built
         # (the TLS certificates take a moment), and overload control counts these.
         timers = TimerConfig(t1=config.t1, t2=config.t2, t4=config.t4, timer_c=config.timer_c)
         transactions = TransactionLayer(transport, timers, counters)
         listen = config.sip_listen
+        shared = (worker.sockets.udp, worker.sockets.tcp) if worker is not None else None
         try:
-            port = await transport.start(listen.host, listen.port)
+            port = await transport.start(listen.host, listen.port, shared=shared)
         except OSError as exc:
             raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         stack.push_async_callback(transport.close)
@@ -458,22 +528,43 @@ async def build_site(
         if not config.domains:
             log.warning("no --domain given: serving every domain name")
 
-        node, key = await open_dht(config)
-        stack.push_async_callback(close_dht, node)
+        node: DhtNode | None = None
+        if worker is None or worker.runs_dht:
+            node, key = await open_dht(config)
+            stack.push_async_callback(close_dht, node)
+            trust = node.trust
+        else:
+            key, trust = open_trust(config)
+            stack.push_async_callback(trust.stop_watching)
         sites: SiteDirectory  # below; the TLS check reads it when it connects
 
         def homes() -> list[tuple[str, str]]:
             return [(s.home, s.key_id) for s in sites.snapshot()]
 
-        tls_port = await listen_tls(config, transport, key, node.trust, homes)
+        tls_sock = worker.sockets.tls if worker is not None else None
+        tls_port = await listen_tls(config, transport, key, trust, homes, tls_sock)
         me = identity_for(config, port, tls_port)
+        if worker is not None:
+            me = worker_identity(me, worker.index)  # its Via names it
         home = home_uri(me, config.home_transport)
-        adaptor = DhtAdaptor(
-            node, key, site_id=config.site_id, home=home, clock=clock,
-            republish_interval=config.dht_republish, retry_delays=dht_retry_delays,
-            lookup_timeout=config.dht_lookup_timeout,
-        )  # fmt: skip
-        stack.push_async_callback(adaptor.close)
+        adaptor: DhtAdaptor | None = None
+        remote: RemoteAdaptor | None = None
+        if node is not None:
+            adaptor = DhtAdaptor(
+                node, key, site_id=config.site_id, home=home, clock=clock,
+                republish_interval=config.dht_republish, retry_delays=dht_retry_delays,
+                lookup_timeout=config.dht_lookup_timeout,
+            )  # fmt: skip
+            stack.push_async_callback(adaptor.close)
+        else:
+            assert siblings is not None
+            remote = RemoteAdaptor(
+                siblings, key.key_id, site_id=config.site_id, home=home, clock=clock,
+                lookup_timeout=config.dht_lookup_timeout,
+            )  # fmt: skip
+        publisher = adaptor if adaptor is not None else remote
+        locator = adaptor if adaptor is not None else remote
+        assert locator is not None
 
         tasks = Tasks("request task")
         secret = nonce_secret(config.data_dir)
@@ -497,11 +588,10 @@ async def build_site(
                 flow_timer_stream=max(1, int(config.tcp_idle_timeout * 0.9)),
             ),
             identity=me, directory=directory, transactions=transactions, auth=auth,
-            publisher=adaptor, counters=counters, clock=clock,
+            publisher=publisher, counters=counters, clock=clock,
         )  # fmt: skip
         sites = SiteDirectory(home)
-        dht = DhtRouter(adaptor, counters, cache_ttl=config.dht_cache_ttl, sites=sites)
-        trust = node.trust
+        dht = DhtRouter(locator, counters, cache_ttl=config.dht_cache_ttl, sites=sites)
         # A key removed from (or rescoped in) the trust folder stops routing calls at
         # once, not when the cached lookups run out.
         trust.on_change(
@@ -523,8 +613,9 @@ async def build_site(
             resolver=resolver,
             forker=Forker(failover, me, tokens, timer_c=timers.timer_c),
             counters=counters, send=transport.send, spawn=tasks.spawn, tokens=tokens, dht=dht,
-            relay_key=key, relays=RelayVerifier(node.trust), clock=clock,
+            relay_key=key, relays=RelayVerifier(trust), clock=clock,
             sites=sites, home_timeout=config.home_timeout, failover=failover,
+            handover=siblings.take_response if siblings is not None else None,
         )  # fmt: skip
         server = SipServer(
             transport, transactions,
@@ -534,30 +625,78 @@ async def build_site(
         stack.push_async_callback(server.close)
 
         site: Site
-        services = SiteServices(
-            sip_address=lambda: (transport.host, transport.port),
-            store=store, registrar=registrar, users_store=users, adaptor=adaptor, node=node,
-            snapshot=lambda: site.stats(),
-            transactions=lambda: (len(transactions.server_txs), len(transactions.client_txs)),
-            token=admin_token(config), clock=clock, require_peers=bool(config.bootstrap),
-            auth_enabled=lambda: auth.enabled, member_sites=sites,
-        )  # fmt: skip
+        services = None
+        if adaptor is not None and node is not None:
+            services = SiteServices(
+                sip_address=lambda: (transport.host, transport.port),
+                store=store, registrar=registrar, users_store=users, adaptor=adaptor,
+                node=node, snapshot=lambda: site.stats(),
+                transactions=lambda: (len(transactions.server_txs), len(transactions.client_txs)),
+                token=admin_token(config), clock=clock, require_peers=bool(config.bootstrap),
+                auth_enabled=lambda: auth.enabled, member_sites=sites,
+            )  # fmt: skip
         prober = SiteProber(
             sites, transactions, resolver, me,
             clock=clock, interval=config.site_probe_interval, timeout=config.home_timeout,
         )  # fmt: skip
         keepalive = None
-        if config.nat_keepalive_interval:
+        # With workers, worker 0 pings every phone (it notes what the others register).
+        if config.nat_keepalive_interval and (worker is None or worker.runs_dht):
             keepalive = NatKeepalive(
                 directory, transactions, registrar, me, counters,
                 interval=config.nat_keepalive_interval, clock=clock,
             )  # fmt: skip
         jobs = Tasks("site job")
         stack.push_async_callback(jobs.close)
+        parts = None
+        if worker is not None and siblings is not None:
+            parts = _worker_parts(
+                worker, siblings, me, transport, directory, store, users, adaptor, jobs, clock
+            )
+            stack.push_async_callback(siblings.close)
         site = Site(
             config, me, counters, store, users, auth, registrar, router, server,
-            node, key, adaptor, dht, services, sites, prober, keepalive, jobs,
-            stack.pop_all(),
+            node, key, trust, adaptor, dht, services, sites, prober, keepalive, jobs,
+            stack.pop_all(), parts,
         )  # fmt: skip
         return site
     raise AssertionError("unreachable")  # the stack re-raises what failed
+
+
+def _worker_parts(
+    plan: WorkerPlan,
+    siblings: Siblings,
+    me: ProxyIdentity,
+    transport: TransportLayer,
+    directory: LocalDirectory,
+    store: LocationStore,
+    users: UserStore,
+    adaptor: DhtAdaptor | None,
+    jobs: Tasks,
+    clock: Callable[[], float],
+) -> WorkerParts:
+    """How this worker serves its siblings' frames (proxy.siblings)."""
+    handlers = Handlers(
+        identity=me, holds=transport.holds, send_held=transport.send_held,
+        deliver=transport.deliver, learn_flow=directory.learn_flow,
+    )  # fmt: skip
+    publisher = None
+    if adaptor is not None:  # worker 0
+        publisher = ChangePublisher(store, directory, adaptor, clock)
+        handlers.changed = publisher.changed
+        handlers.locate = functools.partial(serve_locate, adaptor)
+        users.subscribe(siblings.users_changed)  # the admin API changed them here
+    elif isinstance(users, RedisUserStore):
+        redis_users = users
+
+        async def reload() -> None:
+            try:
+                await redis_users.refresh()
+            except UserStoreError as exc:
+                log.warning("users: cannot reload after a change: %s", exc)
+
+        def users_changed() -> None:
+            jobs.spawn(reload())
+
+        handlers.users_changed = users_changed
+    return WorkerParts(plan, siblings, handlers, directory, publisher)

@@ -115,6 +115,18 @@ class FlowEvents(Protocol):
         """A keep-alive (CRLF or STUN) arrived over UDP from ``flow``."""
 
 
+class SiblingFlows(Protocol):
+    """The other worker processes of the site (``proxy.siblings``, ``--workers``): a TCP
+    or TLS connection lives in the worker that accepted it, and the others hand it what
+    they have to send over it."""
+
+    def holds(self, host: str, port: int) -> bool:
+        """Does another worker hold a usable connection with ``host:port``?"""
+
+    def send(self, flow: Flow, data: bytes) -> bool:
+        """Hand ``data`` to the worker holding ``flow``; False if none does."""
+
+
 class IntervalLog:
     """Counts events of one kind and logs them at most once per interval: the first at
     once, the rest as one line with their count when the interval is over."""
@@ -421,10 +433,16 @@ def unmapped(host: str) -> str:
 
 
 async def _listen_stream(
-    factory: Callable[[], asyncio.Protocol], host: str, port: int
+    factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    sock: socket.socket | None = None,
 ) -> asyncio.Server:
-    """A TCP listener; on ``::`` one dual-stack socket (asyncio would make it IPv6 only)."""
+    """A TCP listener; on ``::`` one dual-stack socket (asyncio would make it IPv6 only).
+    ``sock``: a listening socket bound already (:func:`shared_listeners`)."""
     loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock, backlog=TCP_BACKLOG)
     if host != "::":
         return await loop.create_server(
             factory, host, port, reuse_address=True, backlog=TCP_BACKLOG
@@ -441,6 +459,77 @@ async def _listen_stream(
     return await loop.create_server(factory, sock=sock, backlog=TCP_BACKLOG)
 
 
+def _reuseport(family: int, kind: int, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(TCP_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def shared_sockets(host: str, port: int, count: int) -> list[tuple[socket.socket, socket.socket]]:
+    """``count`` (UDP socket, TCP listener) pairs on one ``host:port`` (0: a port free on
+    both), all with SO_REUSEPORT: one pair per worker process (``--workers``). The kernel
+    spreads UDP datagrams over the sockets by source address and port, so each phone's
+    stay with one worker, and spreads TCP connections as they come. Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    try:
+        for _attempt in range(20):
+            udp = _reuseport(family, socket.SOCK_DGRAM, host, port)
+            actual = int(udp.getsockname()[1])
+            try:
+                tcp = _reuseport(family, socket.SOCK_STREAM, host, actual)
+            except OSError:
+                udp.close()
+                if port != 0:
+                    raise
+                continue  # the ephemeral UDP port is taken on TCP: try another
+            pairs.append((udp, tcp))
+            break
+        else:
+            raise OSError("could not find a port free on both UDP and TCP")
+        while len(pairs) < count:
+            udp = _reuseport(family, socket.SOCK_DGRAM, host, actual)
+            try:
+                tcp = _reuseport(family, socket.SOCK_STREAM, host, actual)
+            except OSError:
+                udp.close()
+                raise
+            pairs.append((udp, tcp))
+    except OSError:
+        for udp, tcp in pairs:
+            udp.close()
+            tcp.close()
+        raise
+    return pairs
+
+
+def shared_listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` TCP listeners on one ``host:port`` (0: any free port) with SO_REUSEPORT
+    (SIP over TLS, one per worker). Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < count:
+            socks.append(_reuseport(family, socket.SOCK_STREAM, host, port))
+            port = int(socks[0].getsockname()[1])
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 class TransportLayer:
     def __init__(
         self,
@@ -454,11 +543,14 @@ class TransportLayer:
         max_tcp_per_address: int = 64,
         max_tcp_connections: int = 4096,
         flow_events: FlowEvents | None = None,
+        siblings: SiblingFlows | None = None,
     ) -> None:
         """``on_message`` may come later, with :meth:`serve`: a site binds its sockets
-        first, to know its port, and then builds what handles the messages."""
+        first, to know its port, and then builds what handles the messages.
+        ``siblings``: the site's other worker processes, which may hold a connection."""
         self.on_message = on_message
         self.flow_events = flow_events
+        self.siblings = siblings
         self.idle_timeout = idle_timeout
         self.partial_timeout = partial_timeout
         self.flood = flood
@@ -580,9 +672,22 @@ class TransportLayer:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on UDP and TCP at the same host:port; returns the port (for port 0)."""
-        loop = asyncio.get_running_loop()
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        shared: tuple[socket.socket, socket.socket] | None = None,
+    ) -> int:
+        """Listen on UDP and TCP at the same host:port; returns the port (for port 0).
+        ``shared``: a UDP socket and a TCP listener bound already (:func:`shared_sockets`:
+        a worker process serves the pair the supervisor bound for it)."""
+        if shared is not None:
+            udp, listener = shared
+            server = await _listen_stream(
+                lambda: _TcpConnection(self, inbound=True), host, 0, listener
+            )
+            return self._adopt(host, udp, server)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for _attempt in range(20):
             udp = socket.socket(family, socket.SOCK_DGRAM)
@@ -604,21 +709,27 @@ class TransportLayer:
                 if port != 0:
                     raise
                 continue  # the ephemeral UDP port is taken on TCP: try another
-            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
-            if SO_TIMESTAMPNS is not None:
-                udp.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            self._udp = udp
-            self._udp_mapped = is_dual_stack(udp)
-            loop.add_reader(udp.fileno(), _UdpReader(self, udp).on_readable)
-            self._tcp_server = server
-            self.host, self.port = host, actual
-            if self.flood is not None:
-                wildcard = host in ("0.0.0.0", "::")
-                self.flood.exempt.update(("127.0.0.1", "::1") if wildcard else (host,))
-            self._fit_cap()
-            self._housekeeping = loop.call_later(HOUSEKEEPING, self._tick)
-            return actual
+            return self._adopt(host, udp, server)
         raise OSError("could not find a port free on both UDP and TCP")
+
+    def _adopt(self, host: str, udp: socket.socket, server: asyncio.Server) -> int:
+        """Serve the bound UDP socket and the TCP server; returns the port."""
+        loop = asyncio.get_running_loop()
+        actual = int(udp.getsockname()[1])
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        if SO_TIMESTAMPNS is not None:
+            udp.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self._udp = udp
+        self._udp_mapped = is_dual_stack(udp)
+        loop.add_reader(udp.fileno(), _UdpReader(self, udp).on_readable)
+        self._tcp_server = server
+        self.host, self.port = host, actual
+        if self.flood is not None:
+            wildcard = host in ("0.0.0.0", "::")
+            self.flood.exempt.update(("127.0.0.1", "::1") if wildcard else (host,))
+        self._fit_cap()
+        self._housekeeping = loop.call_later(HOUSEKEEPING, self._tick)
+        return actual
 
     def _tick(self) -> None:
         """Once a second: sweep the guards' tables, publish their counters, log summaries."""
@@ -659,6 +770,8 @@ class TransportLayer:
         if conn is not None and conn.kind == flow.transport and conn.usable():
             conn.write(data)
             return
+        if self.siblings is not None and self.siblings.send(flow, data):
+            return  # another worker of the site holds the connection
         self._pending.setdefault(key, []).append(data)
         if key not in self._connecting:
             self._connecting[key] = asyncio.get_running_loop().create_task(
@@ -666,8 +779,25 @@ class TransportLayer:
             )
 
     def has_connection(self, host: str, port: int) -> bool:
+        """Is there a usable connection with ``host:port``, here or in another worker?"""
         conn = self.connections.get((host, port))
-        return conn is not None and conn.usable()
+        if conn is not None and conn.usable():
+            return True
+        return self.siblings is not None and self.siblings.holds(host, port)
+
+    def holds(self, flow: Flow) -> bool:
+        """Does this process hold a usable connection for ``flow`` (TCP or TLS)?"""
+        conn = self.connections.get((flow.host, flow.port))
+        return conn is not None and conn.kind == flow.transport and conn.usable()
+
+    def send_held(self, flow: Flow, data: bytes) -> bool:
+        """Send over the connection this process holds for ``flow``, never connecting
+        (another worker handed ``data`` over, for this connection only). False if none."""
+        conn = self.connections.get((flow.host, flow.port))
+        if conn is None or conn.kind != flow.transport or not conn.usable():
+            return False
+        conn.write(data)
+        return True
 
     def _source_for(self, host: str) -> tuple[str, int] | None:
         """Connections we open leave from our listen address (the peer sees it, not the
@@ -712,12 +842,15 @@ class TransportLayer:
 
     # --- TLS ---------------------------------------------------------------------------------
 
-    async def listen_tls(self, host: str, port: int, endpoint: TlsEndpoint) -> int:
+    async def listen_tls(
+        self, host: str, port: int, endpoint: TlsEndpoint, sock: socket.socket | None = None
+    ) -> int:
         """Listen for SIP over TLS at host:port (0: any free port), and open TLS
-        connections with ``endpoint`` from now on. Returns the port."""
+        connections with ``endpoint`` from now on. Returns the port. ``sock``: a
+        listener bound already (:func:`shared_listeners`)."""
         self.tls = endpoint
         self._tls_server = await _listen_stream(
-            lambda: _TlsConnection(self, inbound=True), host, port
+            lambda: _TlsConnection(self, inbound=True), host, port, sock
         )
         self.tls_port = int(self._tls_server.sockets[0].getsockname()[1])
         return self.tls_port
