@@ -32,8 +32,8 @@ class IterativeLookup:
     (records merge), in ``values`` by node id, still untrusted.
 
     Contacts known to be dead (``protocol.is_dead``) that answers name are left out and
-    kept in ``skipped``; with ``revive`` they are asked after all, their dead marks
-    forgotten (one that is still dead times out and is marked again).
+    kept in ``skipped``; with ``revive`` they are asked after all. Their dead marks stay
+    until they answer: one that is still dead times out, and its confirmation evicts it.
     """
 
     def __init__(
@@ -75,9 +75,7 @@ class IterativeLookup:
             patience = self._protocol.patience()  # adapts as answers come in
             for peer in self.nearest.get_uncontacted()[: self._alpha - len(active)]:
                 self.nearest.mark_contacted(peer)
-                if self._revive:
-                    self._protocol.forget_dead((peer.ip, peer.port))
-                task = self._spawn(call(peer, self._target))
+                task = self._spawn(call(peer, self._target, revive=self._revive))
                 if task is None:  # the node is closing
                     return list(self.nearest)
                 pending[task] = (peer, loop.time())

@@ -315,7 +315,7 @@ class DhtNode:
             await asyncio.sleep(_TICK)
             protocol = self._protocol
             protocol.maintain()
-            if self._had_peers and not self.peers():
+            if not self.peers() and self._had_peers:  # (peers() notes that we had some)
                 await self._rejoin(protocol)
 
     async def _rejoin(self, protocol: NodeProtocol) -> None:
@@ -360,11 +360,14 @@ class DhtNode:
         pings = [protocol.ping_address(a) for a in addresses]
         seeds = []
         for address, node_id in zip(addresses, await asyncio.gather(*pings), strict=True):
+            if node_id == self.node_id and address in self._seeds:
+                self._seeds.remove(address)  # ourselves (a bootstrap list naming every node)
             if node_id is not None and node_id != self.node_id:
                 seed = Node(node_id, address[0], address[1])
                 protocol.handle_call_response((True, node_id), seed)  # it answered
                 seeds.append(seed)
         if seeds:
+            self._had_peers = True
             await self._lookup(protocol, self._server.node, seeds).run()
         return len(seeds)
 
@@ -385,8 +388,11 @@ class DhtNode:
         return found
 
     def _alone(self) -> bool:
-        """True while this node has never known a peer: it is the whole overlay."""
-        return not self.peers() and not self._had_peers
+        """True while this node has never known a peer and was given no other node to
+        join through: it is the whole overlay. A node whose bootstrap nodes have not
+        answered yet is not: what it does not hold is unknown, not absent (a get raises
+        DhtUnavailable, and the proxy answers 503, not 404)."""
+        return not self._seeds and not self.peers() and not self._had_peers
 
     async def _closest(self, target: Node) -> tuple[list[Node], int]:
         """The k closest nodes to ``target`` that answered, and how many nodes the
@@ -557,8 +563,11 @@ class DhtNode:
         if merged:
             protocol.spawn_background(self._repair(key, merged, closest, found, local, target))
             return merged
-        if not peers and self._alone():
-            return ()  # a node that never knew a peer is the whole overlay: "none" it is
+        if not peers and not closest:
+            if self._alone():
+                return ()  # a node that never knew a peer is the whole overlay: "none" it is
+            self._counters.gets_unknown += 1
+            raise DhtUnavailable(f"no DHT node answered for {aor!r}: not joined (yet)")
         heard |= {bytes(n.id) for n in skipped.values()}
         heard.discard(self.node_id)
         quorum = self._quorum(len(heard))

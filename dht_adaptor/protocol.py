@@ -272,9 +272,14 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
     def dead_contacts(self) -> list[Node]:
         return list(self._dead.contacts())
 
-    async def _call(self, node: Node, rpc: str, *args: Any) -> tuple[bool, Any]:
+    async def _call(
+        self, node: Node, rpc: str, *args: Any, revive: bool = False
+    ) -> tuple[bool, Any]:
+        """``revive``: ask ``node`` even if it is marked dead. Its mark stays until it
+        answers, so that a confirmation under way still evicts it if it stays silent
+        (forgetting the mark to ask it made that confirmation keep it, every time)."""
         address = (node.ip, node.port)
-        if self._closed or address in self._dead:
+        if self._closed or (address in self._dead and not revive):
             return (False, None)
         sent = self._now()
         future = self._request(address, rpc, (self.source_node.id, *args), bytes(node.id))
@@ -328,11 +333,15 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
         median = sorted(self._rtts)[len(self._rtts) // 2]
         return float(min(self._wait_timeout, max(_MIN_PATIENCE, _PATIENCE_FACTOR * median)))
 
-    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        return await self._call(node_to_ask, "find_node", node_to_find.id)
+    async def call_find_node(
+        self, node_to_ask: Node, node_to_find: Node, *, revive: bool = False
+    ) -> tuple[bool, Any]:
+        return await self._call(node_to_ask, "find_node", node_to_find.id, revive=revive)
 
-    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        return await self._call(node_to_ask, "find_value", node_to_find.id)
+    async def call_find_value(
+        self, node_to_ask: Node, node_to_find: Node, *, revive: bool = False
+    ) -> tuple[bool, Any]:
+        return await self._call(node_to_ask, "find_value", node_to_find.id, revive=revive)
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
         return await self._call(node_to_ask, "ping")

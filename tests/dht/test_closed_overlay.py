@@ -23,7 +23,7 @@ from kademlia.node import Node
 
 from dht_adaptor.keys import SiteKey, TrustStore, sign_binding
 from dht_adaptor.membership import Member, open_datagram
-from dht_adaptor.node import DhtNode
+from dht_adaptor.node import DhtNode, DhtUnavailable
 from dht_adaptor.record import DhtBinding, dht_key, encode_record, new_binding
 from dht_adaptor.record_store import MemoryRecordStore
 
@@ -190,7 +190,8 @@ async def test_a_node_with_an_untrusted_key_cannot_join_read_or_store(
         await stranger.listen("127.0.0.1", 0)
         assert await stranger.bootstrap([n.address for n in overlay.nodes]) == 0
         assert not await stranger.ping(overlay.nodes[1].address)
-        assert await stranger.get(ALICE) == ()  # nobody answers: it only has itself
+        with pytest.raises(DhtUnavailable):  # nobody answers: it reads nothing
+            await stranger.get(ALICE)
         value = encode_record([bind(keys.paris, planted, "sip:evil@203.0.113.6")])
         protocol = stranger._protocol
         answers = await asyncio.gather(

@@ -64,8 +64,13 @@ NODE = "dht_adaptor/node.py"
 
 
 def params(func: Callable[..., Any]) -> list[str]:
-    """Parameter names of ``func``, without ``self``."""
-    names = list(inspect.signature(func).parameters)
+    """Parameter names of ``func``, without ``self`` nor keyword-only ones with a default
+    (an override may add those: callers passing the engine's parameters still fit)."""
+    names = [
+        name
+        for name, p in inspect.signature(func).parameters.items()
+        if not (p.kind is p.KEYWORD_ONLY and p.default is not p.empty)
+    ]
     return names[1:] if names[:1] == ["self"] else names
 
 

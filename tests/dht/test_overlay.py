@@ -354,6 +354,32 @@ async def test_a_node_whose_peers_died(lone: DhtNode, sites: Sites) -> None:
     assert await lone.stored_count() == 1
 
 
+async def test_a_node_that_never_reached_its_bootstrap_nodes_knows_nothing(
+    lone: DhtNode, sites: Sites
+) -> None:
+    # Told to join through a node that does not answer, it is not the whole overlay: a
+    # user registered elsewhere may exist, so "none" would be a 404 for a real user
+    # (seen in the simulation: a node whose join failed answered every get with nothing).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        assert await lone.bootstrap([silent.getsockname()]) == 0
+        with pytest.raises(DhtUnavailable):
+            await lone.get("sip:kim@example.com")
+        with pytest.raises(DhtUnavailable):
+            await lone.put(
+                "sip:kim@example.com",
+                [bind(sites.paris, "sip:kim@example.com", "sip:kim@10.0.0.10", site="paris")],
+            )
+
+
+async def test_a_node_listed_in_its_own_bootstrap_list_is_still_alone(
+    lone: DhtNode, sites: Sites
+) -> None:
+    # Every site's compose file may list every DHT node, its own included.
+    assert await lone.bootstrap([lone.address]) == 0
+    assert await lone.get("sip:lee@example.com") == ()
+
+
 async def test_put_refuses_what_it_cannot_vouch_for(lone: DhtNode, sites: Sites) -> None:
     aor = "sip:judy@example.com"
     with pytest.raises(InvalidBindings):
