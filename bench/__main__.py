@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     all_setups = setups(cores)
     if args.report_only:
-        write_report(json.loads(args.report_only.read_text()), args.out, plots=not args.no_plots)
+        results: dict[str, Any] = json.loads(args.report_only.read_text())
+        if args.note:
+            results["note"] = args.note
+        write_report(results, args.out, plots=not args.no_plots)
         return 0
     servers = [s for s in args.servers.split(",") if s]
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         callee_pool=args.callee_pool, host=args.host, site_hosts=(hosts[0], hosts[-1]),
         progress=progress,
     )  # fmt: skip
-    results: dict[str, Any] = {
+    results = {
         "version": 1,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import bisect
 import contextlib
 import inspect
@@ -45,6 +46,7 @@ import json
 import math
 import os
 import platform
+import pstats
 import random
 import subprocess
 import sys
@@ -140,12 +142,16 @@ class NodeRef:
     local: int
 
 
+EXTRA = ("repairs", "replication_examined", "shed", "get_retries")  # DhtNode.stats()
+
+
 @dataclass
 class Counters:
     cpu: float = 0.0
     rpcs: float = 0.0
     timeouts: float = 0.0
     peers: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
 
     def __sub__(self, other: Counters) -> Counters:
         return Counters(
@@ -153,6 +159,7 @@ class Counters:
             self.rpcs - other.rpcs,
             self.timeouts - other.timeouts,
             self.peers - other.peers,
+            {k: v - other.extra.get(k, 0.0) for k, v in self.extra.items()},
         )
 
 
@@ -237,6 +244,7 @@ class OpStats:
             "cpu_ms_per_op": self.cost.cpu / n * 1e3 if self.issued else None,
             "rpcs_per_op": self.cost.rpcs / n if self.issued else None,
             "timeouts_per_op": self.cost.timeouts / n if self.issued else None,
+            **{f"{k}_per_op": v / n for k, v in self.cost.extra.items() if self.issued},
             "wall_s": self.wall,
             "ops_per_s": self.issued / self.wall if self.wall else None,
         }
@@ -313,7 +321,9 @@ class Overlay:
             per_worker.setdefault(ref.worker, []).append([ref.local, seeds])
         await asyncio.gather(
             *(
-                self.workers[w].call("bootstrap", plan=jobs, concurrency=8)
+                self.workers[w].call(
+                    "bootstrap", plan=jobs, concurrency=self.options.join_concurrency
+                )
                 for w, jobs in per_worker.items()
             )
         )
@@ -325,6 +335,7 @@ class Overlay:
             rpcs=sum(s.get("rpcs", 0) for s in stats),
             timeouts=sum(s.get("rpc_timeouts", 0) for s in stats),
             peers=sum(s.get("peers", 0) for s in stats),
+            extra={name: sum(s.get(name, 0) for s in stats) for name in EXTRA},
         )
 
     def alive(self) -> list[int]:
@@ -469,9 +480,35 @@ class Run:
             for index, indices in held.items():
                 ref = overlay.nodes[index]
                 per_worker.setdefault(ref.worker, {})[str(ref.local)] = indices
+            PROGRESS.set(f"signing {records} records, each once")
+            epoch = time.time()
+            workers = overlay.workers
+            step = len(workers)
+            signed = await asyncio.gather(
+                *(
+                    w.call("sign_pool", first=w.index, count=records, step=step, epoch=epoch)
+                    for w in workers
+                )
+            )
+            kids = [answer["kid"] for answer in signed]
+            signatures = bytearray(64 * records)
+            for w, answer in zip(workers, signed, strict=True):
+                raw = base64.b64decode(answer["sigs"])
+                for n, index in enumerate(range(w.index, records, step)):
+                    signatures[index * 64 : (index + 1) * 64] = raw[n * 64 : (n + 1) * 64]
             PROGRESS.set(f"preloading {records} records ({preload}/node) into the stores")
+
+            def sigs_for(holdings: dict[str, list[int]]) -> str:
+                needed = sorted({i for indices in holdings.values() for i in indices})
+                return base64.b64encode(
+                    b"".join(signatures[i * 64 : (i + 1) * 64] for i in needed)
+                ).decode()
+
             written = await asyncio.gather(
-                *(overlay.workers[w].call("preload", holdings=h) for w, h in per_worker.items())
+                *(
+                    workers[w].call("preload", holdings=h, kids=kids, epoch=epoch, sigs=sigs_for(h))
+                    for w, h in per_worker.items()
+                )
             )
             self.result["preload_records"] = records
             self.result["preload_held"] = sum(written)
@@ -529,6 +566,9 @@ class Run:
         phase deadline, with the overlay's CPU and RPCs around them."""
         PROGRESS.set(name, len(jobs))
         await asyncio.sleep(0.2)  # let the tail of the previous phase finish
+        profile = self.options.profile is not None and sequential
+        if profile:
+            await asyncio.gather(*(w.call("profile") for w in self.overlay.workers))
         before = await self.overlay.counters()
         stats = OpStats()
         t = time.monotonic()
@@ -544,7 +584,31 @@ class Run:
         stats.wall = time.monotonic() - t
         await asyncio.sleep(0.2)
         stats.cost = await self.overlay.counters() - before
+        if profile:
+            await self.dump_profiles(name)
         return stats
+
+    async def dump_profiles(self, phase: str) -> None:
+        """Merge the workers' profiles of ``phase`` into one file, and print its top."""
+        folder: Path = self.options.profile
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"{self.tag}-{phase}-w{w.index}.prof" for w in self.overlay.workers]
+        await asyncio.gather(
+            *(
+                w.call("profile", path=str(p))
+                for w, p in zip(self.overlay.workers, paths, strict=True)
+            )
+        )
+        merged = pstats.Stats(*(str(p) for p in paths if p.exists()), stream=sys.stderr)
+        out = folder / f"{self.tag}-{phase}.prof"
+        merged.dump_stats(str(out))
+        for p in paths:
+            p.unlink(missing_ok=True)
+        print(
+            f"\n-- profile of {self.engine} {phase}, N={self.count} R={self.preload}: {out}",
+            file=sys.stderr,
+        )
+        merged.sort_stats("tottime").print_stats(20)
 
     async def batch(
         self,
@@ -779,12 +843,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phase-timeout", type=float, default=240.0, help="per phase, s")
     parser.add_argument("--op-timeout", type=float, default=30.0, help="per operation, s")
     parser.add_argument("--settle", type=float, default=3.0, help="OpenDHT join settling, s")
+    parser.add_argument(
+        "--join-concurrency", type=int, default=8, help="nodes joining at once per worker"
+    )
     parser.add_argument("--quiesce", type=float, default=120.0, help="max wait after build, s")
     parser.add_argument("--quiet-cpu", type=float, default=25.0, help="%% of a core: quiet")
     parser.add_argument("--republish", type=float, default=86400.0, help="p2psip, s")
     parser.add_argument("--opendht-preload-budget", type=int, default=130_000, help="puts")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--profile", type=Path, help="folder: cProfile the workers during put and get"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 nodes, 2 procs")
     parser.add_argument("-v", "--verbose", action="store_true", help="workers log at INFO")
     options = parser.parse_args(argv)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import cProfile
 import dataclasses
 import hashlib
 import json
@@ -69,6 +71,17 @@ def user_binding(aor: str, key: SiteKey, site: str, now: float) -> DhtBinding:
 def pool_aor(index: int) -> str:
     """The AOR of preloaded record ``index`` (the coordinator places them by its key)."""
     return f"sip:pre{index}@{DOMAIN}"
+
+
+def pool_binding(index: int, kid: str, epoch: float, signature: bytes = b"") -> DhtBinding:
+    """Preloaded record ``index`` as site ``kid`` signs it: the same fields in every
+    worker, so that a signature made in one holds in all (``sign_binding``'s layout:
+    the binding with its key id and an empty signature is what is signed)."""
+    return DhtBinding(
+        aor=pool_aor(index), contact=f"sip:pre{index}@192.0.2.7:5060;transport=udp",
+        home=HOME, expires_at=epoch + EXPIRES, site=f"site-{kid[:6]}", version=index + 1,
+        key_id=kid, signature=signature,
+    )  # fmt: skip
 
 
 class DatagramCounter:
@@ -128,6 +141,9 @@ class Engine:
 
     async def preload(self, args: Json) -> int:
         return 0
+
+    def sign_pool(self, args: Json) -> Json:
+        raise NotImplementedError
 
     def prepare(self, args: Json) -> list[str]:
         """Sign the bindings of ``jobs`` (AOR, origin node) for later puts; returns what
@@ -199,24 +215,38 @@ class P2psipEngine(Engine):
         plan = args["plan"]  # [[local index, [[host, port], ...]], ...]
         return list(await asyncio.gather(*(join(int(i), seeds) for i, seeds in plan)))
 
+    def sign_pool(self, args: Json) -> Json:
+        """Sign preloaded records ``range(first, count, step)`` with our first node's key:
+        each record is signed once, by one worker, and the signatures are shared."""
+        signer = self.keys[0]
+        epoch = float(args["epoch"])
+        signatures = [
+            signer.sign(pool_binding(i, signer.key_id, epoch).signing_bytes())
+            for i in range(int(args["first"]), int(args["count"]), int(args["step"]))
+        ]
+        return {"kid": signer.key_id, "sigs": base64.b64encode(b"".join(signatures)).decode()}
+
     async def preload(self, args: Json) -> int:
         """Write the records the coordinator placed on our nodes straight into their stores
         (no RPC, no verification), as if the overlay had replicated them earlier; before
-        ``listen``, which indexes what a store holds."""
-        now = time.time()
+        ``listen``, which indexes what a store holds. ``sigs``: the signatures of every
+        record we hold, in index order; record i was signed by ``kids[i % len(kids)]``."""
         holdings: dict[str, list[int]] = args["holdings"]  # local index -> pool indices
-        signer = self.keys[0]
-        site = f"site-{signer.key_id[:6]}"
+        kids: list[str] = args["kids"]
+        epoch = float(args["epoch"])
+        needed = sorted({i for indices in holdings.values() for i in indices})
+        raw = base64.b64decode(args["sigs"])
         pool: dict[int, tuple[bytes, tuple[DhtBinding, ...]]] = {}
+        for n, index in enumerate(needed):
+            signature = raw[n * 64 : (n + 1) * 64]
+            binding = pool_binding(index, kids[index % len(kids)], epoch, signature)
+            pool[index] = (dht_key(binding.aor), (binding,))
         written = 0
         for local, indices in holdings.items():
             store = self.nodes[int(local)].store
             for index in indices:
-                entry = pool.get(index)
-                if entry is None:
-                    aor = pool_aor(index)
-                    entry = pool[index] = (dht_key(aor), (user_binding(aor, signer, site, now),))
-                await write_held(store, entry[0], entry[1], now)
+                key, bindings = pool[index]
+                await write_held(store, key, bindings, epoch)
                 written += 1
             await asyncio.sleep(0)
         return written
@@ -381,6 +411,7 @@ def _settle(future: asyncio.Future[bool], ok: bool) -> None:
 class Worker:
     engine: Engine
     op_timeout: float = 30.0
+    profiler: cProfile.Profile | None = None
 
     async def timed(self, op: Callable[[], Awaitable[bool]]) -> Json:
         started = time.perf_counter()
@@ -421,6 +452,8 @@ class Worker:
             return await engine.bootstrap(args)
         if command == "preload":
             return await engine.preload(args)
+        if command == "sign_pool":
+            return engine.sign_pool(args)
         if command == "prepare":
             return engine.prepare(args)
         if command in ("put", "get"):
@@ -433,6 +466,15 @@ class Worker:
             return {"cpu": usage.ru_utime + usage.ru_stime, **counters}
         if command == "kill":
             return await engine.kill([int(i) for i in args["nodes"]])
+        if command == "profile":  # this process's Python code only (not OpenDHT's C++)
+            if args.get("path") is None:
+                self.profiler = cProfile.Profile()
+                self.profiler.enable()
+            elif self.profiler is not None:
+                self.profiler.disable()
+                self.profiler.dump_stats(args["path"])
+                self.profiler = None
+            return True
         raise ValueError(f"unknown command {command!r}")
 
 

@@ -280,13 +280,15 @@ TRACE: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("TRACE", de
 
 
 def _traced_finder(call: Callable[..., Awaitable[tuple[bool, Any]]]) -> Callable[..., Any]:
-    async def traced(self: Any, node_to_ask: Any, node_to_find: Any) -> tuple[bool, Any]:
+    async def traced(
+        self: Any, node_to_ask: Any, node_to_find: Any, *, revive: bool = False
+    ) -> tuple[bool, Any]:
         trace = TRACE.get()
         if trace is None:
-            return await call(self, node_to_ask, node_to_find)
+            return await call(self, node_to_ask, node_to_find, revive=revive)
         depth = trace.depth.get(bytes(node_to_ask.id), 1)
         trace.finds += 1
-        ok, payload = await call(self, node_to_ask, node_to_find)
+        ok, payload = await call(self, node_to_ask, node_to_find, revive=revive)
         if not ok:
             trace.failed += 1
             return ok, payload
@@ -354,6 +356,7 @@ class Op:
     latency: float  # simulated seconds
     trace: Trace
     started: float
+    error: str = ""  # why not ok: "not found", "timeout" or the DhtError raised
 
 
 def summarize(ops: list[Op]) -> Json:
@@ -363,6 +366,10 @@ def summarize(ops: list[Op]) -> Json:
     hops = [o.trace.hops for o in ops if o.ok]
     value_hops = [o.trace.value_hops for o in ops if o.trace.value_hops is not None]
     rpcs = [o.trace.rpcs for o in ops]
+    errors: dict[str, int] = {}
+    for o in ops:
+        if not o.ok:
+            errors[o.error] = errors.get(o.error, 0) + 1
     return {
         "ops": len(ops),
         "ok": sum(o.ok for o in ops),
@@ -377,6 +384,7 @@ def summarize(ops: list[Op]) -> Json:
         "hops_mean": statistics.fmean(hops) if hops else None,
         "hops_max": max(hops) if hops else None,
         "value_hops_mean": statistics.fmean(value_hops) if value_hops else None,
+        "errors": errors,
     }
 
 
@@ -438,19 +446,23 @@ class Simulation:
             await node.listen(self.host(i), PORT)
             self.nodes.append(node)
         joined = [0]
-        # The first nodes one by one (an overlay must exist), then the rest in waves, each
-        # via a random node that joined before; then everyone once more via a random node
-        # (the routing tables of early joiners fill as later ones arrive).
+        # The first nodes one by one (an overlay must exist), then waves as large as the
+        # overlay so far (at most --join-wave), each node via a random node that joined
+        # before; then everyone once more via a random node (the routing tables of early
+        # joiners fill as later ones arrive). Simulated time is what costs here: every
+        # node's timers tick while it passes.
         first = min(len(self.nodes), 16)
         for i in range(1, first):
             await self.nodes[i].bootstrap([self.nodes[self.rng.choice(joined)].address])
             joined.append(i)
         wave = options.join_wave
-        for start in range(first, len(self.nodes), wave):
-            batch = list(range(start, min(start + wave, len(self.nodes))))
+        start = first
+        while start < len(self.nodes):
+            batch = list(range(start, min(start + min(wave, len(joined)), len(self.nodes))))
             seeds = {i: self.nodes[self.rng.choice(joined)].address for i in batch}
             await asyncio.gather(*(self.nodes[i].bootstrap([seeds[i]]) for i in batch))
             joined.extend(batch)
+            start += len(batch)
             log.info("joined %d", len(joined))
         for start in range(0, len(self.nodes), wave * 2):
             batch = list(range(start, min(start + wave * 2, len(self.nodes))))
@@ -480,25 +492,28 @@ class Simulation:
         return sign_binding(unsigned, key)
 
     async def traced(self, op: Callable[[], Awaitable[bool]]) -> Op:
+        """Run ``op`` with a fresh Trace; it returns whether it did what it should, or
+        raises the DhtError or RecordError that says why not."""
         trace = Trace()
         token = TRACE.set(trace)
         started = self.loop.time()
+        error = ""
         try:
             ok = await asyncio.wait_for(op(), self.options.op_timeout)
+            error = "" if ok else "not found"
         except TimeoutError:
-            ok = False
+            ok, error = False, "timeout"
+        except (DhtError, RecordError) as exc:
+            ok, error = False, type(exc).__name__
         finally:
             TRACE.reset(token)
-        return Op(ok, self.loop.time() - started, trace, started)
+        return Op(ok, self.loop.time() - started, trace, started, error)
 
     async def put(self, index: int, aor: str) -> Op:
         binding = self.binding(index, aor)
 
         async def op() -> bool:
-            try:
-                return int(await self.nodes[index].put(aor, [binding])) > 0
-            except (DhtError, RecordError):
-                return False
+            return int(await self.nodes[index].put(aor, [binding])) > 0
 
         result = await self.traced(op)
         if result.ok:
@@ -507,10 +522,7 @@ class Simulation:
 
     async def get(self, index: int, aor: str, version: int) -> Op:
         async def op() -> bool:
-            try:
-                found = await self.nodes[index].get(aor)
-            except DhtError:
-                return False
+            found = await self.nodes[index].get(aor)
             return any(b.version == version for b in found)
 
         return await self.traced(op)
@@ -592,9 +604,9 @@ def table(result: Json) -> Iterator[str]:
     yield ""
     yield (
         "| phase | ops | success | p50 ms | p99 ms | RPCs/op | of which stores "
-        "| failed RPCs/op | hops | value hops |"
+        "| failed RPCs/op | hops | value hops | failures |"
     )
-    yield "|---|---|---|---|---|---|---|---|---|---|"
+    yield "|---|---|---|---|---|---|---|---|---|---|---|"
     rows = [("put", result.get("put")), ("get", result.get("get"))]
     churn = result.get("churn")
     if churn:
@@ -607,7 +619,8 @@ def table(result: Json) -> Iterator[str]:
             f"| {name} | {s['ops']} | {s['success'] * 100:.1f}% | {fmt(s['p50_ms'])} "
             f"| {fmt(s['p99_ms'])} | {fmt(s['rpcs_mean'])} | {fmt(s['stores_mean'])} "
             f"| {fmt(s['failed_rpcs_mean'], 2)} | {fmt(s['hops_mean'], 2)} (max {s['hops_max']}) "
-            f"| {fmt(s['value_hops_mean'], 2)} |"
+            f"| {fmt(s['value_hops_mean'], 2)} "
+            f"| {', '.join(f'{n} {e}' for e, n in s['errors'].items()) or '-'} |"
         )
 
 
@@ -617,14 +630,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sites", type=int, default=16, help="site keys the nodes share")
     parser.add_argument("--puts", type=int, default=500)
     parser.add_argument("--gets", type=int, default=1000)
-    parser.add_argument("--inflight", type=int, default=20)
+    parser.add_argument("--inflight", type=int, default=100, help="puts or gets at once")
     parser.add_argument("--loss", type=float, default=0.01, help="datagram loss probability")
     parser.add_argument("--span", type=float, default=0.060, help="one-way s across the plane")
     parser.add_argument("--kill", type=float, default=0.2, help="fraction killed (0: none)")
     parser.add_argument("--churn-seconds", type=float, default=60.0)
     parser.add_argument("--churn-rate", type=float, default=10.0, help="gets per simulated s")
     parser.add_argument("--bucket", type=float, default=10.0)
-    parser.add_argument("--join-wave", type=int, default=500, help="nodes joining at once")
+    parser.add_argument("--join-wave", type=int, default=2000, help="nodes joining at once")
     parser.add_argument("--settle", type=float, default=5.0, help="simulated s after the joins")
     parser.add_argument("--op-timeout", type=float, default=30.0, help="simulated s")
     parser.add_argument("--real-crypto", action="store_true")

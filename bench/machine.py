@@ -36,7 +36,7 @@ INSTALL = {
     "sipp": "apt-get install sip-tester",
     "kamailio": "apt-get install kamailio",
     "redis-server": "apt-get install redis-server",
-    "matplotlib": f"{Path(sys.executable).parent}/pip install matplotlib",
+    "matplotlib": f"{Path(sys.executable).parent}/pip install -e '.[bench]'",
 }
 
 
