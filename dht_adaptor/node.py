@@ -315,7 +315,9 @@ class DhtNode:
             await asyncio.sleep(_TICK)
             protocol = self._protocol
             protocol.maintain()
-            if not self.peers() and self._had_peers:  # (peers() notes that we had some)
+            if self._has_peers():
+                self._had_peers = True
+            elif self._had_peers:
                 await self._rejoin(protocol)
 
     async def _rejoin(self, protocol: NodeProtocol) -> None:
@@ -386,6 +388,10 @@ class DhtNode:
         ]
         self._had_peers = self._had_peers or bool(found)
         return found
+
+    def _has_peers(self) -> bool:
+        protocol = self._server.protocol
+        return protocol is not None and any(b.get_nodes() for b in protocol.router.buckets)
 
     def _alone(self) -> bool:
         """True while this node has never known a peer and was given no other node to
