@@ -167,17 +167,27 @@ class _MergingStore:
         return self._rejected
 
     async def merge_in(self, key: bytes, value: bytes, now: float) -> MergeResult:
-        incoming = self._admit(key, value)
+        incoming = self._readable(key, value)
         if incoming is None:
             self._rejected += 1
             return MergeResult(accepted=0, rejected=1, held=len(await self.get(key, now)))
-        verified, rejected = incoming
-        if not verified:
-            self._rejected += rejected
-            return MergeResult(0, rejected, held=len(await self.get(key, now)))
+        own, misplaced = incoming
+        trust = self._trust
+        counts = (0, 0)  # (accepted, rejected) by the last call of combine
 
         def combine(held: Bindings) -> Bindings | None:
-            merged = merge(held, verified, now=now)
+            # Bindings identical to held ones (a replica sent again, as replication to a
+            # new contact does) were verified when they were stored: only new ones are
+            # checked, and nothing is written when nothing is new.
+            nonlocal counts
+            known = set(held)
+            again = [b for b in own if b in known]
+            fresh, untrusted = trust.filter(b for b in own if b not in known)
+            still = sum(1 for b in again if trust.allows(b.key_id, b.aor))
+            counts = (len(fresh) + still, misplaced + untrusted + len(again) - still)
+            if not fresh:
+                return held  # unchanged: _update writes nothing
+            merged = merge(held, fresh, now=now)
             try:
                 encode_record(merged, max_bytes=MAX_HELD_BYTES)
             except RecordError:
@@ -186,19 +196,23 @@ class _MergingStore:
 
         async with self._locks.hold(key):
             merged = await self._update(key, combine, now)
+        accepted, rejected = counts
         if merged is None:
             # Too many bindings for one AOR: keep what is held rather than drop some.
             log.warning(
                 "record for key %s would exceed %d bytes; refused", key.hex(), MAX_HELD_BYTES
             )
-            self._rejected += len(verified) + rejected
-            return MergeResult(0, len(verified) + rejected, held=len(await self.get(key, now)))
-        self._accepted += len(verified)
+            self._rejected += accepted + rejected
+            return MergeResult(0, accepted + rejected, held=len(await self.get(key, now)))
+        if rejected:
+            log.debug("key %s: %d binding(s) misplaced or unverified", key.hex(), rejected)
+        self._accepted += accepted
         self._rejected += rejected
-        return MergeResult(accepted=len(verified), rejected=rejected, held=len(merged))
+        return MergeResult(accepted=accepted, rejected=rejected, held=len(merged))
 
-    def _admit(self, key: bytes, value: bytes) -> tuple[Bindings, int] | None:
-        """(verified bindings, rejected count), or None for an unreadable record."""
+    def _readable(self, key: bytes, value: bytes) -> tuple[Bindings, int] | None:
+        """(the bindings filed under ``key``, how many were under another key), or None
+        for an unreadable record."""
         if not isinstance(key, bytes) or len(key) != KEY_BYTES or not isinstance(value, bytes):
             log.debug("record refused: key or value is not bytes of the right size")
             return None
@@ -208,16 +222,7 @@ class _MergingStore:
             log.debug("unreadable record for key %s: %s", key.hex(), exc)
             return None
         own = tuple(b for b in bindings if dht_key(b.aor) == key)
-        verified, untrusted = self._trust.filter(own)
-        rejected = len(bindings) - len(own) + untrusted
-        if rejected:
-            log.debug(
-                "key %s: %d binding(s) under the wrong key, %d unverified",
-                key.hex(),
-                len(bindings) - len(own),
-                untrusted,
-            )
-        return tuple(verified), rejected
+        return own, len(bindings) - len(own)
 
     async def _update(
         self, key: bytes, combine: Callable[[Bindings], Bindings | None], now: float
@@ -249,8 +254,9 @@ class MemoryRecordStore(_MergingStore):
     async def _update(
         self, key: bytes, combine: Callable[[Bindings], Bindings | None], now: float
     ) -> Bindings | None:
-        merged = combine(self._held.get(key, ()))
-        if merged is not None:
+        held = self._held.get(key, ())
+        merged = combine(held)
+        if merged is not None and merged is not held:
             self._set(key, merged)
         return merged
 
@@ -338,8 +344,8 @@ class RedisRecordStore(_MergingStore):
                         await pipe.watch(name)
                         held = self._decode(name, await pipe.get(name), now)
                         merged = combine(held)
-                        if merged is None:
-                            return None
+                        if merged is None or merged is held:
+                            return merged  # refused, or unchanged: nothing to write
                         pipe.multi()  # type: ignore[no-untyped-call]
                         if merged:
                             data = encode_record(merged, max_bytes=MAX_HELD_BYTES)

@@ -186,6 +186,45 @@ def forgeries(sites: Sites, clock: Clock) -> dict[str, DhtBinding]:
     }
 
 
+async def test_a_replica_sent_again_is_taken_without_checking_it_again(
+    store: RecordStore, sites: Sites, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Replication to a new contact resends records it mostly holds already: only the
+    # bindings it does not hold cost a signature check.
+    paris = bind(sites.a, clock, "sip:alice@10.0.0.1")
+    tokyo = bind(sites.b, clock, "sip:alice@10.9.0.1", site="tokyo")
+    await store.merge_in(KEY, encode_record([paris]), clock.now)
+    checked: list[DhtBinding] = []
+    real_filter = sites.trust.filter
+
+    def counting_filter(bindings):  # type: ignore[no-untyped-def]
+        bindings = list(bindings)
+        checked.extend(bindings)
+        return real_filter(bindings)
+
+    monkeypatch.setattr(sites.trust, "filter", counting_filter)
+    again = await store.merge_in(KEY, encode_record([paris]), clock.now)
+    assert (again.ok, again.accepted, again.held) == (True, 1, 1)
+    assert checked == []
+    both = await store.merge_in(KEY, encode_record([paris, tokyo]), clock.now)
+    assert (both.ok, both.accepted, both.held) == (True, 2, 2)
+    assert checked == [tokyo]
+    assert set(await store.get(KEY, clock.now)) == {paris, tokyo}
+
+
+async def test_a_held_binding_sent_again_after_its_key_lost_trust_is_refused(
+    sites: Sites, clock: Clock
+) -> None:
+    trust = TrustStore({sites.a.key_id: sites.a.public_bytes})
+    store = MemoryRecordStore(trust)
+    paris = bind(sites.a, clock, "sip:alice@10.0.0.1")
+    assert (await store.merge_in(KEY, encode_record([paris]), clock.now)).ok
+    trust.replace([])
+    again = await store.merge_in(KEY, encode_record([paris]), clock.now)
+    assert (again.ok, again.accepted, again.rejected) == (False, 0, 1)
+    assert await store.get(KEY, clock.now) == ()
+
+
 @pytest.mark.parametrize("kind", ["forged", "unsigned", "untrusted", "wrong signer"])
 async def test_unverifiable_bindings_are_rejected_and_counted(
     store: RecordStore, sites: Sites, clock: Clock, kind: str
