@@ -583,8 +583,9 @@ class Simulation:
         }
 
     async def _close(self) -> None:
-        for node in self.nodes:
-            await node.close()
+        # All at once: one by one, every close let simulated time pass for all the
+        # others' timers (10,000 nodes took longer to close than to simulate).
+        await asyncio.gather(*(node.close() for node in self.nodes))
 
 
 # -- output -------------------------------------------------------------------------------
