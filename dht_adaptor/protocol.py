@@ -33,6 +33,7 @@ loop lag) is :class:`~dht_adaptor.endpoint.Endpoint`; here:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import socket
@@ -42,6 +43,7 @@ from typing import Any
 
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
+from kademlia.routing import RoutingTable
 from kademlia.storage import IStorage
 
 from dht_adaptor.contacts import DeadContacts
@@ -118,6 +120,30 @@ class NoStorage(IStorage):  # type: ignore[misc]
         return iter(())
 
 
+class Table(RoutingTable):  # type: ignore[misc]
+    """kademlia's routing table, with a find_neighbors that sees every bucket.
+
+    kademlia 2.2.3's TableTraverser alternates left and right of the target's bucket and
+    stops when the side it is due to read is exhausted, even if the other side still has
+    buckets: a node whose contacts all lay in buckets left of the target's found none
+    and answered "nobody", seen in the simulation as a get failing for a stored user.
+    A routing table holds at most a few hundred contacts: reading them all is cheap.
+    """
+
+    def find_neighbors(
+        self, node: Node, k: int | None = None, exclude: Node | None = None
+    ) -> list[Node]:
+        k = k or self.ksize
+        target = node.long_id
+        found = [
+            n
+            for bucket in self.buckets
+            for n in bucket.nodes.values()
+            if n.id != node.id and (exclude is None or not n.same_home_as(exclude))
+        ]
+        return heapq.nsmallest(k, found, key=lambda n: n.long_id ^ target)
+
+
 class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
     """kademlia's protocol for members only, with merged, verified values, sessions,
     overload tolerance and replication by key range (see the module docstring)."""
@@ -143,6 +169,7 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
         if bytes(source_node.id) != member.node_id:
             raise ValueError("the node id is not the one bound to the site key and salt")
         super().__init__(source_node, NoStorage(), ksize)
+        self.router = Table(self, ksize, source_node)
         self._wait_timeout = rpc_timeout  # rpcudp's per-RPC timeout
         self._member = member
         self._trust = trust  # asked at every datagram: never copy keys out of it

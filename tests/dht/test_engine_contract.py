@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import inspect
+import random
 import re
 import subprocess
 import sys
@@ -562,3 +563,26 @@ async def test_server_uses_our_protocol_and_refresh() -> None:
         f"Server.stop no longer cancels refresh_loop or closes transport: DhtNode.close in {NODE}"
     )
     await spawn.close()
+
+
+def test_our_table_finds_the_nearest_contacts_wherever_they_are() -> None:
+    # kademlia's TableTraverser can stop before reading every bucket (see Table in
+    # dht_adaptor/protocol.py); ours must always give the k nearest of all contacts.
+    from dht_adaptor.protocol import Table
+
+    rng = random.Random(5)
+    me = Node(rng.randbytes(20))
+    table = Table(None, 4, me)
+    contacts = [Node(rng.randbytes(20), "192.0.2.1", 5000 + i) for i in range(300)]
+    for node in contacts:
+        with contextlib.suppress(AttributeError):  # a full bucket pings its head: no protocol
+            table.add_contact(node)
+    held = [n for b in table.buckets for n in b.get_nodes()]
+    assert len(table.buckets) > 4 and len(held) > 20
+    for _ in range(300):
+        target = Node(rng.randbytes(20))
+        want = sorted(held, key=lambda n: n.distance_to(target))[:4]
+        assert table.find_neighbors(target) == want
+    # The target itself and what shares the excluded node's address are left out.
+    assert held[0] not in table.find_neighbors(held[0], k=50)
+    assert held[1] not in table.find_neighbors(held[0], k=50, exclude=held[1])
