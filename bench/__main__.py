@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--site-hosts", default="127.0.0.21,127.0.0.22", help="call-sites: two")
     p.add_argument("--no-plots", action="store_true", help="no PNGs (no matplotlib needed)")
     p.add_argument("--note", default="", help="a paragraph for the top of benchmarks.md")
+    p.add_argument(
+        "--analysis",
+        type=Path,
+        metavar="MD",
+        help="with --report-only: markdown on where the time goes, after the targets",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (SIPp logs)")
     p.add_argument("--report-only", type=Path, metavar="JSON", help="rewrite from a results file")
     return p  # fmt: skip
@@ -133,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, Any] = json.loads(args.report_only.read_text())
         if args.note:
             results["note"] = args.note
+        if args.analysis:
+            results["analysis"] = args.analysis.read_text()
         write_report(results, args.out, plots=not args.no_plots)
         return 0
     servers = [s for s in args.servers.split(",") if s]

@@ -259,6 +259,8 @@ def write_report(results: Result, out: Path, *, plots: bool) -> None:
         lines += summary(results, key)
     lines += ["### Ours / Kamailio, same run", "", *ratios(results)]
     lines += ["### The targets of issue 13", "", *targets(results)]
+    if results.get("analysis"):
+        lines += [results["analysis"].rstrip(), ""]
     lines += ["### Memory per 100,000 bindings", "", *memory(results)]
     lines += [
         "Proportional set size (PSS) summed over all the server's processes, before the "

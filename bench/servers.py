@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -47,6 +48,9 @@ P2PSIP_TUNING = {
     "P2PSIP_NAT_KEEPALIVE_INTERVAL": "0",
     "P2PSIP_SHUTDOWN_GRACE": "1",
 }
+
+
+log = logging.getLogger(__name__)
 
 
 class StartError(RuntimeError):
@@ -126,7 +130,8 @@ class Proc:
 
     def check(self, what: str) -> None:
         if not self.alive():
-            raise StartError(f"{self.name} exited ({what}); its log:\n{self.tail()}")
+            status = self.popen.returncode
+            raise StartError(f"{self.name} exited {status} ({what}); its log:\n{self.tail()}")
 
 
 @dataclass
@@ -300,6 +305,18 @@ def write_kamailio_users(db_dir: Path, users: Sequence[str]) -> None:
 
 
 def start_kamailio(
+    workdir: Path, host: str, *, users: Sequence[str] | None, tools: dict[str, str]
+) -> Server:
+    # Once more on another port if it exits at start: seen once in a full run, exit
+    # with an empty log, between two steps that both started fine.
+    try:
+        return _start_kamailio(workdir, host, users=users, tools=tools)
+    except StartError as exc:
+        log.warning("kamailio did not start (%s): trying once more", str(exc).splitlines()[0])
+        return _start_kamailio(workdir, host, users=users, tools=tools)
+
+
+def _start_kamailio(
     workdir: Path, host: str, *, users: Sequence[str] | None, tools: dict[str, str]
 ) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
