@@ -269,4 +269,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Every server and SIPp started was stopped on the way out; what finished is saved.
+        print(
+            "bench: interrupted; the scenarios that finished are in benchmarks.json "
+            "(python -m bench --report-only FILE writes their report)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
