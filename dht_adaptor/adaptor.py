@@ -197,12 +197,7 @@ class DhtAdaptor:
             )  # fmt: skip
             write = True
         signed = tuple(b if b.signature else sign_binding(b, self.key) for b in out.values())
-        try:
-            encode_record(signed, max_bytes=self.max_bytes)
-        except RecordTooLarge:
-            raise TooManyBindings(
-                f"{aor}: {len(signed)} bindings do not fit a DHT record"
-            ) from None
+        check_fits(aor, signed, self.max_bytes)
         return Prepared(aor, signed, write or force, tuple(current.values()))
 
     def publish(self, prepared: Prepared) -> None:
@@ -359,6 +354,14 @@ class DhtAdaptor:
         entry = self._published.setdefault(aor, _Published())
         entry.written_at = started
         entry.lifetime = max((b.expires_at - started for b in prepared.bindings), default=0.0)
+
+
+def check_fits(aor: str, bindings: Sequence[DhtBinding], max_bytes: int) -> None:
+    """Raise :class:`TooManyBindings` if ``bindings`` would not fit one DHT record."""
+    try:
+        encode_record(bindings, max_bytes=max_bytes)
+    except RecordTooLarge:
+        raise TooManyBindings(f"{aor}: {len(bindings)} bindings do not fit a DHT record") from None
 
 
 def _same_but_expiry(a: DhtBinding, b: DhtBinding) -> bool:

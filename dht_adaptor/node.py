@@ -381,13 +381,11 @@ class DhtNode:
         protocol = self._server.protocol
         if protocol is None:
             return []
-        found = [
+        return [
             (bytes(n.id).hex(), n.ip, n.port)
             for bucket in protocol.router.buckets
             for n in bucket.get_nodes()
         ]
-        self._had_peers = self._had_peers or bool(found)
-        return found
 
     def _has_peers(self) -> bool:
         protocol = self._server.protocol
@@ -398,7 +396,7 @@ class DhtNode:
         join through: it is the whole overlay. A node whose bootstrap nodes have not
         answered yet is not: what it does not hold is unknown, not absent (a get raises
         DhtUnavailable, and the proxy answers 503, not 404)."""
-        return not self._seeds and not self.peers() and not self._had_peers
+        return not self._seeds and not self._had_peers and not self._has_peers()
 
     async def _closest(self, target: Node) -> tuple[list[Node], int]:
         """The k closest nodes to ``target`` that answered, and how many nodes the

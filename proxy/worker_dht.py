@@ -23,12 +23,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from dht_adaptor.adaptor import DhtAdaptor, TooManyBindings
+from dht_adaptor.adaptor import DhtAdaptor, TooManyBindings, check_fits
 from dht_adaptor.record import (
     MAX_RECORD_BYTES,
     DhtBinding,
     RecordError,
-    RecordTooLarge,
     decode_record,
     encode_record,
 )
@@ -80,12 +79,7 @@ class RemoteAdaptor:
             for b in bindings
             if b.is_live(now)
         ]  # fmt: skip
-        try:
-            encode_record(sample, max_bytes=self.max_bytes)
-        except RecordTooLarge:
-            raise TooManyBindings(
-                f"{aor}: {len(sample)} bindings do not fit a DHT record"
-            ) from None
+        check_fits(aor, sample, self.max_bytes)
         return aor
 
     def publish(self, aor: str) -> None:

@@ -41,6 +41,7 @@ from proxy.transport import Flow, shared_listeners, shared_sockets
 from proxy.worker_dht import RemoteAdaptor
 from proxy.workers import bind_sockets
 from tests.support.site import Site, sip_options
+from tests.test_multisite import call
 
 DOMAIN = "example.com"
 
@@ -335,18 +336,6 @@ def worker_site(tmp_path: Path, redis_server) -> Iterator[WorkerSite]:
         site.stop()
 
 
-def _call(caller, callee, target: str) -> None:
-    caller.call(target)
-    callee.wait_incoming(timeout=10)
-    callee.answer(200)
-    a = caller.wait_state("CONFIRMED", timeout=10)
-    b = callee.wait_state("CONFIRMED", timeout=10)
-    assert a["call_id"] == b["call_id"]
-    caller.hangup()
-    callee.wait_state("DISCONNECTED", timeout=10)
-    caller.wait_state("DISCONNECTED", timeout=10)
-
-
 def _phone_on(site: WorkerSite, phone_factory, worker: int, user: str, transport: str = "udp"):
     """A phone registered as ``user`` whose REGISTER landed on ``worker``. The kernel
     picks the worker by the phone's port: new phones are tried until one lands there
@@ -368,8 +357,8 @@ def test_phones_register_and_call_through_two_workers(worker_site, phone_factory
     bob = phone_factory("bob", transport=transport)
     assert alice.register(worker_site.sip, "alice", DOMAIN) == 200
     assert bob.register(worker_site.sip, "bob", DOMAIN) == 200
-    _call(alice, bob, f"sip:bob@{DOMAIN}")
-    _call(bob, alice, f"sip:alice@{DOMAIN}")
+    call(alice, bob, f"sip:bob@{DOMAIN}")
+    call(bob, alice, f"sip:alice@{DOMAIN}")
 
 
 @pytest.mark.e2e
@@ -380,8 +369,8 @@ def test_a_call_reaches_a_tcp_phone_whose_connection_the_other_worker_holds(
     assert bob.register(worker_site.sip, "bob", DOMAIN) == 200
     holder = worker_site.registered_by("bob")
     alice = _phone_on(worker_site, phone_factory, 1 - holder, "alice")
-    _call(alice, bob, f"sip:bob@{DOMAIN}")  # INVITE, ACK and BYE over bob's connection
-    _call(bob, alice, f"sip:alice@{DOMAIN}")  # alice answers the worker her port goes to
+    call(alice, bob, f"sip:bob@{DOMAIN}")  # INVITE, ACK and BYE over bob's connection
+    call(bob, alice, f"sip:alice@{DOMAIN}")  # alice answers the worker her port goes to
     assert worker_site.stop() == 0
     stats = worker_site.final_stats()
     # Worker 1-holder routed the calls; the holder wrote them to bob's connection.
@@ -406,8 +395,8 @@ def test_a_killed_worker_is_started_again_and_registrations_survive(
         assert worker_site.alive()
         # The same sockets: each phone still lands on the same worker, which reads its
         # binding from Redis.
-        _call(alice, bob, f"sip:bob@{DOMAIN}")
-        _call(bob, alice, f"sip:alice@{DOMAIN}")
+        call(alice, bob, f"sip:bob@{DOMAIN}")
+        call(bob, alice, f"sip:alice@{DOMAIN}")
     assert "exited (signal SIGKILL): starting it again" in worker_site.text()
 
 
