@@ -52,7 +52,7 @@ Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any] | None"]
 OTHER_NODE = object()  # the answer to a call came from another node id than the one asked
 LAGGED = object()  # the call timed out while our own event loop was late
 BUSY = {"busy": True}  # the answer of a node whose request queue is full
-ASYNC_RPCS = frozenset({"store", "find_value"})  # may wait on the record store
+ASYNC_RPCS = frozenset({"store", "find_value", "offer"})  # may wait on the record store
 MAX_BACKGROUND = 256  # replication, repair and confirmation jobs at once
 _BEAT = 0.1  # seconds between two heartbeats measuring the loop's lateness
 

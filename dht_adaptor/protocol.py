@@ -20,8 +20,12 @@ loop lag) is :class:`~dht_adaptor.endpoint.Endpoint`; here:
   (:meth:`NodeProtocol.dead_near`): after a partition heals, the far side is asked.
 * **Replication that costs what it moves** (:mod:`dht_adaptor.keyspace`): a new contact
   is sent the records for which it is now among the k closest, looking only at the keys
-  in its id range. A contact that only asked (a lookup client) waits ``welcome_delay``
-  and must answer a ping first; a replacement-cache entry gets nothing.
+  in its id range. It is first *offered* them (replica sync, the idea of RFC 6940
+  §6.4.1.2): one ``offer`` RPC names up to :data:`MAX_OFFER` keys with a digest of what
+  we hold for each, the contact answers which it lacks or holds differently, and only
+  those records are sent. A contact evicted after a timeout and met again (it holds
+  everything already) costs an offer, not a resend of every record. A contact that only
+  asked (a lookup client) waits ``welcome_delay``; a replacement-cache entry gets nothing.
 * **Robust to bad peers.** Undecodable datagrams, unknown RPCs, wrong argument counts or
   types, node lists with hostnames or bad ids are dropped and logged at debug level; they
   never raise inside a task or send a traceback to the log.
@@ -51,12 +55,13 @@ from dht_adaptor.endpoint import BUSY, LAGGED, OTHER_NODE, BadRequest, Endpoint,
 from dht_adaptor.keys import TrustStore
 from dht_adaptor.keyspace import ID_BITS, KeyIndex, block_bits, hole_bits
 from dht_adaptor.membership import Member
-from dht_adaptor.record import DhtBinding, RecordError, encode_record
+from dht_adaptor.record import DIGEST_BYTES, DhtBinding, RecordError, encode_record, held_digest
 from dht_adaptor.record_store import MAX_HELD_BYTES, RecordStore, RecordStoreError
 from dht_adaptor.session import Sessions
 from dht_adaptor.stats import DhtStats, Latency
 from dht_adaptor.wire import (
     MAX_NODES_IN_ANSWER,
+    MAX_OFFER,
     RPC_NAMES,
     UNPACK_ERRORS,
     is_node_id,
@@ -241,6 +246,26 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
         except (RecordStoreError, RecordError) as exc:
             log.warning("cannot read record for key %s: %s", dkey.hex(), exc)
         return self._neighbors_answer(Node(dkey), source)
+
+    async def rpc_offer(self, sender: Any, nodeid: object, entries: object) -> list[int]:
+        """Replica sync: a node about to replicate to us names keys and the digest of what
+        it holds under each (:func:`~dht_adaptor.record.held_digest`); we answer the
+        positions of those we hold nothing or something else for, and it sends only
+        those records."""
+        self.welcome_if_new(self._source(sender, nodeid))
+        if not isinstance(entries, list) or len(entries) > MAX_OFFER:
+            raise BadRequest(f"an offer is a list of at most {MAX_OFFER} entries")
+        offered = [_offer_entry(entry) for entry in entries]
+        now = self._clock()
+        wanted = []
+        for position, (key, digest) in enumerate(offered):
+            try:
+                held = await self._store.get(key, now)
+            except RecordStoreError:
+                held = ()  # ask for it: the store RPC then says whether we can take it
+            if not held or held_digest(held) != digest:
+                wanted.append(position)
+        return wanted
 
     def _neighbors_answer(self, target: Node, source: Node) -> list[tuple[Any, ...]]:
         # Known-dead contacts are left out: others must not re-learn them from us.
@@ -456,7 +481,7 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
             return
         if served:
             self._welcomed[node.id] = now
-            self.spawn_background(self._replicate_to(node, ping_first=False))
+            self.spawn_background(self._replicate_to(node, only_asked=False))
         elif len(self._pending) < _MAX_PENDING_WELCOMES:
             self._pending.setdefault(node.id, (now + self._welcome_delay, node))
 
@@ -473,7 +498,7 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
                 continue  # gone meanwhile (a lookup client that closed, say)
             if now - self._welcomed.get(node_id, -math.inf) >= self._dead_ttl:
                 self._welcomed[node_id] = now
-                self.spawn_background(self._replicate_to(node, ping_first=True))
+                self.spawn_background(self._replicate_to(node, only_asked=True))
         for node in self._dead.to_probe(now, _PROBES_PER_TICK):
             self.spawn_background(self._confirm(node))
 
@@ -494,37 +519,73 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
             rho = max(n.distance_to(me) for n in mine)
             hole = hole_bits(me.distance_to(node), rho)
         candidates = self.index.in_block(node.id, bits, me.id, hole)
+        # Per key, the k closest contacts other than the newcomer: distances from one
+        # list of ids (the table's find_neighbors, called per key, cost 80 µs each).
+        others = [
+            n.long_id
+            for bucket in self.router.buckets
+            for n in bucket.nodes.values()
+            if not n.same_home_as(node)
+        ]
+        mine, theirs = me.long_id, node.long_id
         wanted = []
         for key in candidates:
             self._stats.replication_examined += 1
-            keynode = Node(key)  # the key is the digest already
-            neighbors = self.router.find_neighbors(keynode, exclude=node)
-            if neighbors:
-                farthest = neighbors[-1].distance_to(keynode)
-                new_close = len(neighbors) < ksize or node.distance_to(keynode) < farthest
-                nearest = neighbors[0].distance_to(keynode)
-                if not (new_close and self.source_node.distance_to(keynode) < nearest):
+            target = int.from_bytes(key, "big")  # the key is the digest already
+            closest = heapq.nsmallest(ksize, [other ^ target for other in others])
+            if closest:
+                new_close = len(closest) < ksize or theirs ^ target < closest[-1]
+                if not (new_close and mine ^ target < closest[0]):
                     continue
             wanted.append(key)
         return wanted
 
-    async def _replicate_to(self, node: Node, *, ping_first: bool) -> None:
+    async def _replicate_to(self, node: Node, *, only_asked: bool) -> None:
+        """Offer ``node`` the records it should hold, and send those it wants.
+
+        ``only_asked``: it never answered us (a lookup client, say). If it does not
+        answer the offer either it is gone, and nothing is sent. A contact that served
+        and does not answer is sent the records anyway: a node from before replica sync
+        ignores the ``offer`` RPC (its store RPCs then say whether it is alive)."""
         keys = self.keys_for(node)
         if not keys:
             return
-        if ping_first:
-            ok, _ = await self.call_ping(node)
-            if not ok:
-                return
         try:
+            held = []
             for key in keys:
                 bindings = await self._store.get(key, self._clock())
-                if not bindings:
+                if bindings:
+                    held.append((key, bindings))
+                else:
                     self.index.discard(key)  # expired or no longer trusted
-                elif not await self.send_record(node, key, record_chunks(bindings)):
-                    return  # it stopped answering: the rest would fail too
+            for start in range(0, len(held), MAX_OFFER):
+                batch = held[start : start + MAX_OFFER]
+                wanted = await self._offer(node, batch)
+                if wanted is None and only_asked:
+                    self._suspect(node)  # gone: a confirming ping decides if it stays
+                    return
+                for position in range(len(batch)) if wanted is None else wanted:
+                    key, bindings = batch[position]
+                    if not await self.send_record(node, key, record_chunks(bindings)):
+                        return  # it stopped answering: the rest would fail too
         except RecordStoreError as exc:
             log.warning("cannot replicate to %s: %s", node, exc)
+
+    async def _offer(self, node: Node, batch: Sequence[tuple[bytes, Bindings]]) -> list[int] | None:
+        """The positions in ``batch`` that ``node`` wants sent, or None if it did not
+        answer. No answer does not mark it dead (see :meth:`_replicate_to`)."""
+        address = (node.ip, node.port)
+        if self._closed or address in self._dead:
+            return []
+        entries = [(key, held_digest(bindings)) for key, bindings in batch]
+        self._stats.offers += 1
+        ok, answer = await self._request(address, "offer", (self.source_node.id, entries), node.id)
+        if not ok:
+            self._stats.offers_unanswered += 1
+            return None
+        if not isinstance(answer, list):
+            return []  # busy, or nonsense: nothing now (repair and republishing do it later)
+        return sorted({p for p in answer if type(p) is int and 0 <= p < len(batch)})
 
     def prune(self) -> None:
         """Forget replication times older than ``dead_ttl`` and sessions of keys no longer
@@ -552,6 +613,16 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
                 future.set_result((False, None))
         self._outstanding.clear()
         self._expect.clear()
+
+
+def _offer_entry(entry: object) -> tuple[bytes, bytes]:
+    """(key, digest) of one entry of an offer; BadRequest if it is not one."""
+    if not (isinstance(entry, list) and len(entry) == 2):
+        raise BadRequest("an offer entry is [key, digest]")
+    key, digest = entry
+    if not (is_node_id(key) and isinstance(digest, bytes) and len(digest) == DIGEST_BYTES):
+        raise BadRequest(f"an offer entry is a 20-byte key and a {DIGEST_BYTES}-byte digest")
+    return key, digest
 
 
 def _unmapped(ip: str) -> str:

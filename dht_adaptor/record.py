@@ -244,6 +244,21 @@ def live(
     return tuple(b for b in merged if not b.tombstone)
 
 
+DIGEST_BYTES = 8
+
+
+def held_digest(bindings: Iterable[DhtBinding]) -> bytes:
+    """A short name for exactly which signed bindings are held (order does not matter):
+    two nodes with equal digests for a key hold the same record. Replica sync offers
+    digests instead of records (``NodeProtocol.rpc_offer``). A signature is unique to its
+    binding's content, so the signatures name the set; each is length-prefixed."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    for signature in sorted(b.signature for b in bindings):
+        h.update(len(signature).to_bytes(2, "big"))
+        h.update(signature)
+    return h.digest()
+
+
 # -- encoding --------------------------------------------------------------------------
 
 

@@ -56,6 +56,8 @@ class DhtStats:
     rejected_on_get: int = 0  # bindings in find_value answers that failed verification
     repairs: int = 0  # records sent by read repair, replication and republishing
     replication_examined: int = 0  # keys looked at to decide what a new contact gets
+    offers: int = 0  # replica-sync offers sent (each names up to MAX_OFFER keys)
+    offers_unanswered: int = 0  # ... that got no answer (then records are sent anyway)
     refused: dict[Refusal, int] = field(default_factory=lambda: dict.fromkeys(Refusal, 0))
     other_node_answers: int = 0  # answers from a node id we did not ask (a restart, say)
     get_retries: int = 0  # lookups repeated with known-dead contacts re-admitted
@@ -83,6 +85,8 @@ class DhtStats:
             "rpc_timeouts_lagged": self.rpc_timeouts_lagged,
             "repairs": self.repairs,
             "replication_examined": self.replication_examined,
+            "offers": self.offers,
+            "offers_unanswered": self.offers_unanswered,
             "refused_datagrams": sum(self.refused.values()),
             **{f"refused_{reason.value}": n for reason, n in self.refused.items()},
             "other_node_answers": self.other_node_answers,

@@ -19,6 +19,7 @@ from dht_adaptor.record import DhtBinding, RecordTooLarge, encode_record
 
 __all__ = [
     "MAX_NODES_IN_ANSWER",
+    "MAX_OFFER",
     "RPC_NAMES",
     "UNPACK_ERRORS",
     "claimed_id",
@@ -33,7 +34,10 @@ log = logging.getLogger(__name__)
 
 ID_BYTES = 20
 MAX_NODES_IN_ANSWER = 64  # a find_node answer holds k nodes; more is a peer misbehaving
-RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value"})
+RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value", "offer"})
+# keys per replica-sync offer: [20-byte key, 8-byte digest] is 33 bytes of msgpack, so
+# 200 of them (6.6 kB) fit the 8 kB datagram with the RPC framing.
+MAX_OFFER = 200
 # msgpack's own errors are ValueErrors (FormatError, StackError, ExtraData, bad UTF-8).
 UNPACK_ERRORS = (ValueError, OverflowError, RecursionError, TypeError)
 

@@ -11,15 +11,17 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from kademlia.node import Node
 
 from dht_adaptor.adaptor import DhtAdaptor
-from dht_adaptor.keys import SiteKey, TrustStore
+from dht_adaptor.keys import SiteKey, TrustStore, sign_binding
 from dht_adaptor.membership import Member
 from dht_adaptor.node import DhtNode
 from dht_adaptor.quorum import Quorum
+from dht_adaptor.record import dht_key, encode_record, new_binding
 from dht_adaptor.record_store import MemoryRecordStore
 from dht_adaptor.session import Sessions
 from proxy.sip.binding import Binding
@@ -90,6 +92,25 @@ async def test_a_new_contact_costs_the_keys_near_it_not_every_key_held() -> None
         await node.close()
 
 
+async def hold(
+    node: DhtNode, key: SiteKey, aors: range, now: float, version: int = 1
+) -> list[bytes]:
+    """Make ``node`` hold a signed record for each of ``aors`` (as replication would);
+    their DHT keys. Equal arguments make equal records."""
+    dkeys = []
+    for n in aors:
+        aor = f"sip:user{n}@example.com"
+        binding = new_binding(aor=aor, contact=f"sip:user{n}@192.0.2.1:5060",
+                              home="sip:192.0.2.1", site="paris", version=version,
+                              now=now, expires=600)  # fmt: skip
+        dkey = dht_key(aor)
+        result = await node.store.merge_in(dkey, encode_record([sign_binding(binding, key)]), now)
+        assert result.ok
+        node._protocol.index.add(dkey)
+        dkeys.append(dkey)
+    return dkeys
+
+
 async def test_a_lookup_client_that_left_is_sent_nothing(keys: tuple[SiteKey, ...]) -> None:
     paris = keys[0]
     trust = TrustStore({paris.key_id: paris.public_bytes})
@@ -97,9 +118,8 @@ async def test_a_lookup_client_that_left_is_sent_nothing(keys: tuple[SiteKey, ..
     await server.listen("127.0.0.1", 0)
     client = DhtNode(MemoryRecordStore(trust), trust, key=paris)
     try:
-        for i in range(50):  # records the server holds, any of which the client could get
-            k = random.Random(i).randbytes(20)
-            server._protocol.index.add(k)
+        # Records the server holds: with 2 nodes, the client is close to all of them.
+        await hold(server, paris, range(50), time.time())
         await client.listen("127.0.0.1", 0)
         await client.bootstrap([server.address])
         assert await client.get("sip:nobody@example.com") == ()
@@ -108,10 +128,93 @@ async def test_a_lookup_client_that_left_is_sent_nothing(keys: tuple[SiteKey, ..
         stats = server.stats()
         assert stats["repairs"] == 0  # nothing sent to a client that only asked
         assert stats["welcomes_pending"] == 0
-        assert server._protocol.is_dead(client.address)  # its ping timed out
+        assert stats["offers"] == 1  # it was offered the records, and did not answer
+        assert server._protocol.is_dead(client.address)
     finally:
         await client.close()
         await server.close()
+
+
+async def test_a_contact_met_again_is_sent_only_the_records_it_lacks(
+    keys: tuple[SiteKey, ...],
+) -> None:
+    # Replica sync: a contact evicted after a timeout and met again already holds what we
+    # hold; it is offered the keys and sent nothing. Records it lacks, or holds an older
+    # version of, are sent, and only those.
+    paris = keys[0]
+    trust = TrustStore({paris.key_id: paris.public_bytes})
+    a = DhtNode(MemoryRecordStore(trust), trust, key=paris)
+    b = DhtNode(MemoryRecordStore(trust), trust, key=paris)
+    try:
+        await a.listen("127.0.0.1", 0)
+        await b.listen("127.0.0.1", 0)
+        now = time.time()
+        await hold(a, paris, range(450), now)
+        await hold(b, paris, range(450), now)
+        await hold(a, paris, range(10), now, version=2)  # newer at a
+        await hold(a, paris, range(450, 455), now)  # only at a
+        sent = a._protocol.keys_for(Node(b.node_id, *b.address))
+        assert len(sent) == 455  # with two nodes, b should hold every key a holds
+
+        def meet_again() -> None:
+            a._protocol.router.remove_contact(Node(b.node_id))
+            a._protocol._welcomed.clear()
+            a._protocol._welcome(Node(b.node_id, *b.address), served=True)
+
+        meet_again()
+        async with asyncio.timeout(HANG_GUARD):
+            while a._protocol.background:
+                await asyncio.sleep(0.05)
+        stats = a.stats()
+        assert stats["offers"] == 3  # 455 keys, 200 per offer
+        assert stats["repairs"] == 15  # the 10 newer and the 5 missing records, no more
+        assert await b.stored_count() == 455
+        assert [x.version for x in await b.get("sip:user3@example.com")] == [2]
+
+        meet_again()  # now b holds everything: offers only
+        async with asyncio.timeout(HANG_GUARD):
+            while a._protocol.background:
+                await asyncio.sleep(0.05)
+        assert a.stats()["offers"] == 6
+        assert a.stats()["repairs"] == 15
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_peer_that_does_not_answer_offers_is_sent_the_records(
+    keys: tuple[SiteKey, ...],
+) -> None:
+    # A node from before replica sync drops the unknown "offer" RPC: a contact that
+    # served is then sent everything, as before.
+    paris = keys[0]
+    trust = TrustStore({paris.key_id: paris.public_bytes})
+    a = DhtNode(MemoryRecordStore(trust), trust, key=paris, rpc_timeout=0.3)
+    old = DhtNode(MemoryRecordStore(trust), trust, key=paris)
+    try:
+        await a.listen("127.0.0.1", 0)
+        await old.listen("127.0.0.1", 0)
+        old._protocol._bound_call = _without_offer(old._protocol._bound_call)
+        await hold(a, paris, range(20), time.time())
+        a._protocol._welcome(Node(old.node_id, *old.address), served=True)
+        async with asyncio.timeout(HANG_GUARD):
+            while a._protocol.background:
+                await asyncio.sleep(0.05)
+        assert a.stats()["offers_unanswered"] == 1
+        assert await old.stored_count() == 20
+        assert not a._protocol.is_dead(old.address)
+    finally:
+        await a.close()
+        await old.close()
+
+
+def _without_offer(bound_call: Any) -> Any:
+    def call(data: Any, address: Any) -> Any:
+        if isinstance(data, list) and data and data[0] == "offer":
+            return None  # as an older node's endpoint does with an RPC it does not know
+        return bound_call(data, address)
+
+    return call
 
 
 # -- sessions ---------------------------------------------------------------------------
