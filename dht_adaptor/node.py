@@ -468,7 +468,7 @@ class DhtNode:
             # A node that never knew a peer is the whole overlay (a lone site, the first
             # node before others join): it is the closest node, so it keeps the record,
             # and republishes it to closer nodes once they join.
-            if (await self._store.merge_in(key, value, self._clock())).ok:
+            if (await self._store.merge_bindings(key, bindings, self._clock())).ok:
                 self._indexed(key)
                 return Stored(1, 1)
             raise DhtRejected(f"the local store refused the record of {aor!r}")
@@ -481,7 +481,7 @@ class DhtNode:
         answered = sum(1 for ok, _ in results if ok)
         if local:
             try:
-                if (await self._store.merge_in(key, value, self._clock())).ok:
+                if (await self._store.merge_bindings(key, bindings, self._clock())).ok:
                     accepted += 1
                     self._indexed(key)
             except RecordStoreError as exc:

@@ -106,6 +106,11 @@ class RecordStore(Protocol):
         """Decode, verify and merge an untrusted record into what is held under ``key``."""
         ...
 
+    async def merge_bindings(self, key: bytes, bindings: Bindings, now: float) -> MergeResult:
+        """``merge_in`` for bindings already decoded (a node's own put: no trip through
+        the wire format). Each is still verified and must belong under ``key``."""
+        ...
+
     async def get(self, key: bytes, now: float) -> Bindings:
         """The merged unexpired bindings under ``key`` whose key is still trusted for their
         AOR, tombstones included; () if none."""
@@ -171,7 +176,13 @@ class _MergingStore:
         if incoming is None:
             self._rejected += 1
             return MergeResult(accepted=0, rejected=1, held=len(await self.get(key, now)))
-        own, misplaced = incoming
+        return await self._merge(key, *incoming, now)
+
+    async def merge_bindings(self, key: bytes, bindings: Bindings, now: float) -> MergeResult:
+        own = tuple(b for b in bindings if dht_key(b.aor) == key)
+        return await self._merge(key, own, len(bindings) - len(own), now)
+
+    async def _merge(self, key: bytes, own: Bindings, misplaced: int, now: float) -> MergeResult:
         trust = self._trust
         counts = (0, 0)  # (accepted, rejected) by the last call of combine
 
