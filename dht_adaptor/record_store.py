@@ -258,6 +258,9 @@ class MemoryRecordStore(_MergingStore):
     def __init__(self, trust: TrustStore) -> None:
         super().__init__(trust)
         self._held: dict[bytes, Bindings] = {}
+        # key -> when its first binding expires: a sweep merges only the keys due, so an
+        # idle node's work does not grow with the records it holds.
+        self._due: dict[bytes, float] = {}
 
     def __repr__(self) -> str:
         return f"MemoryRecordStore(keys={len(self._held)})"
@@ -274,8 +277,10 @@ class MemoryRecordStore(_MergingStore):
     def _set(self, key: bytes, bindings: Bindings) -> None:
         if bindings:
             self._held[key] = bindings
+            self._due[key] = min(b.expires_at for b in bindings)
         else:
             self._held.pop(key, None)
+            self._due.pop(key, None)
 
     async def _held_bindings(self, key: bytes, now: float) -> Bindings:
         held = self._held.get(key)
@@ -297,7 +302,8 @@ class MemoryRecordStore(_MergingStore):
 
     async def sweep(self, now: float) -> int:
         dropped = 0
-        for key, held in list(self._held.items()):
+        for key in [key for key, due in self._due.items() if not due > now]:
+            held = self._held[key]
             current = merge(held, now=now)
             if len(current) != len(held):
                 dropped += len(held) - len(current)
@@ -306,6 +312,7 @@ class MemoryRecordStore(_MergingStore):
 
     async def close(self) -> None:
         self._held.clear()
+        self._due.clear()
 
 
 class RedisRecordStore(_MergingStore):

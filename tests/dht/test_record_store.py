@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
+from dht_adaptor import record_store
 from dht_adaptor.keys import SiteKey, TrustStore, sign_binding
 from dht_adaptor.record import (
     DhtBinding,
@@ -307,6 +308,31 @@ async def test_memory_sweep_drops_expired_keys(sites: Sites, clock: Clock) -> No
     assert await store.count() == 1
     assert await store.sweep(clock.now + 601) == 1
     assert await store.count() == 0
+
+
+async def test_memory_sweep_looks_only_at_keys_with_something_expired(
+    sites: Sites, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An idle node sweeps every minute: its work must not grow with the records it holds.
+    store = MemoryRecordStore(sites.trust)
+    for n in range(300):
+        aor = f"sip:user{n}@example.com"
+        expires = 60 if n < 3 else 600
+        record = encode_record([bind(sites.a, clock, f"sip:{n}@h", aor=aor, expires=expires)])
+        assert (await store.merge_in(dht_key(aor), record, clock.now)).ok
+    merged = []
+    real_merge = record_store.merge
+
+    def counting_merge(*sets, **kwargs):  # type: ignore[no-untyped-def]
+        merged.append(1)
+        return real_merge(*sets, **kwargs)
+
+    monkeypatch.setattr(record_store, "merge", counting_merge)
+    assert await store.sweep(clock.now + 30) == 0
+    assert merged == []
+    assert await store.sweep(clock.now + 61) == 3
+    assert len(merged) == 3
+    assert await store.count() == 297
 
 
 async def test_items_and_count(store: RecordStore, sites: Sites, clock: Clock) -> None:
