@@ -251,14 +251,23 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
         """Replica sync: a node about to replicate to us names keys and the digest of what
         it holds under each (:func:`~dht_adaptor.record.held_digest`); we answer the
         positions of those we hold nothing or something else for, and it sends only
-        those records."""
-        self.welcome_if_new(self._source(sender, nodeid))
+        those records.
+
+        Keys for which we know k live nodes closer than ourselves are declined: the
+        sender decided from its own view, sparser than ours around our id, and records
+        sent on such views spread beyond the k closest nodes (at 1,000 records a node,
+        that was most of what replication moved)."""
+        source = self._source(sender, nodeid)
+        self.welcome_if_new(source)
         if not isinstance(entries, list) or len(entries) > MAX_OFFER:
             raise BadRequest(f"an offer is a list of at most {MAX_OFFER} entries")
         offered = [_offer_entry(entry) for entry in entries]
         now = self._clock()
+        others = self._live_ids(exclude=source)
         wanted = []
         for position, (key, digest) in enumerate(offered):
+            if not self._among_closest(key, others):
+                continue
             try:
                 held = await self._store.get(key, now)
             except RecordStoreError:
@@ -266,6 +275,23 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
             if not held or held_digest(held) != digest:
                 wanted.append(position)
         return wanted
+
+    def _live_ids(self, exclude: Node | None = None) -> list[int]:
+        """The ids of the routing table's contacts not known dead (nor ``exclude``)."""
+        dead = self._dead
+        return [
+            n.long_id
+            for bucket in self.router.buckets
+            for n in bucket.nodes.values()
+            if (n.ip, n.port) not in dead and (exclude is None or not n.same_home_as(exclude))
+        ]
+
+    def _among_closest(self, key: bytes, others: Sequence[int]) -> bool:
+        """Are fewer than k of ``others`` closer to ``key`` than we are?"""
+        target = int.from_bytes(key, "big")
+        mine = self.source_node.long_id ^ target
+        closer = sum(1 for other in others if other ^ target < mine)
+        return bool(closer < self.router.ksize)
 
     def _neighbors_answer(self, target: Node, source: Node) -> list[tuple[Any, ...]]:
         # Known-dead contacts are left out: others must not re-learn them from us.
@@ -519,14 +545,9 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
             rho = max(n.distance_to(me) for n in mine)
             hole = hole_bits(me.distance_to(node), rho)
         candidates = self.index.in_block(node.id, bits, me.id, hole)
-        # Per key, the k closest contacts other than the newcomer: distances from one
-        # list of ids (the table's find_neighbors, called per key, cost 80 µs each).
-        others = [
-            n.long_id
-            for bucket in self.router.buckets
-            for n in bucket.nodes.values()
-            if not n.same_home_as(node)
-        ]
+        # Per key, the k closest live contacts other than the newcomer: distances from
+        # one list of ids (the table's find_neighbors, called per key, cost 80 µs each).
+        others = self._live_ids(exclude=node)
         mine, theirs = me.long_id, node.long_id
         wanted = []
         for key in candidates:

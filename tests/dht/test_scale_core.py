@@ -182,6 +182,43 @@ async def test_a_contact_met_again_is_sent_only_the_records_it_lacks(
         await b.close()
 
 
+async def test_an_offer_is_declined_for_keys_others_are_closer_to(
+    keys: tuple[SiteKey, ...],
+) -> None:
+    # The offering node's view is sparser than ours around our id: for a key we know k
+    # live nodes closer to than ourselves, we decline, so records do not spread beyond
+    # the k closest nodes.
+    paris = keys[0]
+    trust = TrustStore({paris.key_id: paris.public_bytes})
+    a = DhtNode(MemoryRecordStore(trust), trust, key=paris, ksize=4)
+    b = DhtNode(MemoryRecordStore(trust), trust, key=paris, ksize=4)
+    try:
+        await a.listen("127.0.0.1", 0)
+        await b.listen("127.0.0.1", 0)
+        dkeys = await hold(a, paris, range(40), time.time())
+
+        def distance(key: bytes) -> int:
+            return int.from_bytes(b.node_id, "big") ^ int.from_bytes(key, "big")
+
+        far_key, near_key = max(dkeys, key=distance), min(dkeys, key=distance)
+        # b knows 4 nodes (not a) nearer to far_key than itself; none nearer to near_key.
+        for port in range(4):
+            closer = int.from_bytes(far_key, "big") ^ (port + 1)
+            b._protocol.router.add_contact(
+                Node(closer.to_bytes(20, "big"), "127.0.0.1", 30000 + port)
+            )
+        assert not any(
+            n.long_id ^ int.from_bytes(near_key, "big") < distance(near_key)
+            for bucket in b._protocol.router.buckets for n in bucket.nodes.values()
+        )  # fmt: skip
+        entries = [[k, bytes(8)] for k in (far_key, near_key)]
+        wanted = await b._protocol.rpc_offer(a.address, a.node_id, entries)
+        assert wanted == [1]
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_peer_that_does_not_answer_offers_is_sent_the_records(
     keys: tuple[SiteKey, ...],
 ) -> None:
