@@ -6,9 +6,12 @@ For each engine, node count N and preload R (records per node), one fresh overla
   build      ``--procs`` worker processes (``dht_scale_worker.py``), each hosting N/procs
              nodes on its own event loop (OpenDHT: its own threads); one site key per
              node; every node joins via the first node, then again via two random nodes.
-  preload    p2psip: before the nodes listen, each node's store gets R signed records
-             written straight in (no RPC): N*R/k records, each held by its k closest
-             nodes (k: DhtNode's default), as the overlay would have replicated them.
+  preload    p2psip: once the nodes have joined (``--preload-at joined``, the default:
+             an overlay that has run a while) or before they listen (``start``: every
+             site restarting with the records it kept), each node's store gets R signed
+             records written straight in (no RPC): N*R/k records, each held by its k
+             closest nodes (k: DhtNode's default), as the overlay would have replicated
+             them.
              OpenDHT: N*R/8 real puts after the join (it stores 8 copies), not
              measured, and only within ``--opendht-preload-budget`` puts.
   idle       CPU of the overlay doing nothing for ``--idle`` seconds.
@@ -142,7 +145,14 @@ class NodeRef:
     local: int
 
 
-EXTRA = ("repairs", "replication_examined", "shed", "get_retries")  # DhtNode.stats()
+EXTRA = (
+    "repairs",
+    "replication_examined",
+    "offered_keys",
+    "offers_taken",
+    "shed",
+    "get_retries",
+)  # DhtNode.stats()
 
 
 @dataclass
@@ -447,14 +457,16 @@ class Run:
         try:
             PROGRESS.set("starting workers and nodes")
             await overlay.start(self.count)
-            if self.engine == "p2psip":  # into the stores, before the nodes index them
+            early = self.engine == "p2psip" and self.options.preload_at == "start"
+            if early:  # into the stores, before the nodes index them
                 await self.load()
             await overlay.listen()
             PROGRESS.set("joining")
             t = time.monotonic()
             await overlay.join()
             self.result["build_s"] = time.monotonic() - t
-            if self.engine == "opendht" and not await self.load():
+            self.result["preload_at"] = self.options.preload_at
+            if not early and not await self.load():
                 return self.result
             await self.quiesce()
             counters = await overlay.counters(peers=True)
@@ -845,6 +857,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=3.0, help="OpenDHT join settling, s")
     parser.add_argument(
         "--join-concurrency", type=int, default=8, help="nodes joining at once per worker"
+    )
+    parser.add_argument(
+        "--preload-at",
+        choices=("joined", "start"),
+        default="joined",
+        help="p2psip: preload once joined (steady state) or before the nodes listen",
     )
     parser.add_argument("--quiesce", type=float, default=120.0, help="max wait after build, s")
     parser.add_argument("--quiet-cpu", type=float, default=25.0, help="%% of a core: quiet")

@@ -228,9 +228,10 @@ class P2psipEngine(Engine):
 
     async def preload(self, args: Json) -> int:
         """Write the records the coordinator placed on our nodes straight into their stores
-        (no RPC, no verification), as if the overlay had replicated them earlier; before
-        ``listen``, which indexes what a store holds. ``sigs``: the signatures of every
-        record we hold, in index order; record i was signed by ``kids[i % len(kids)]``."""
+        (no RPC, no verification), as if the overlay had replicated them earlier, and
+        index them (a node that is not listening yet indexes its store at ``listen``).
+        ``sigs``: the signatures of every record we hold, in index order; record i was
+        signed by ``kids[i % len(kids)]``."""
         holdings: dict[str, list[int]] = args["holdings"]  # local index -> pool indices
         kids: list[str] = args["kids"]
         epoch = float(args["epoch"])
@@ -243,10 +244,13 @@ class P2psipEngine(Engine):
             pool[index] = (dht_key(binding.aor), (binding,))
         written = 0
         for local, indices in holdings.items():
-            store = self.nodes[int(local)].store
+            node = self.nodes[int(local)]
+            listening = int(local) in self.alive
             for index in indices:
                 key, bindings = pool[index]
-                await write_held(store, key, bindings, epoch)
+                await write_held(node.store, key, bindings, epoch)
+                if listening:
+                    node._protocol.index.add(key)
                 written += 1
             await asyncio.sleep(0)
         return written
@@ -277,7 +281,16 @@ class P2psipEngine(Engine):
 
     def counters(self, peers: bool) -> Json:
         totals: dict[str, float] = {}
-        names = ("rpc_timeouts", "repairs", "get_retries", "replication_examined", "shed")
+        names = (
+            "rpc_timeouts",
+            "repairs",
+            "get_retries",
+            "replication_examined",
+            "offered_keys",
+            "offers_taken",
+            "rpc_timeouts_lagged",
+            "shed",
+        )
         for i in self.alive:
             stats = self.nodes[i].stats()
             for name in (*names, "peers") if peers else names:

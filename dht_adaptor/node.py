@@ -389,7 +389,7 @@ class DhtNode:
 
     def _has_peers(self) -> bool:
         protocol = self._server.protocol
-        return protocol is not None and any(b.get_nodes() for b in protocol.router.buckets)
+        return protocol is not None and any(b.nodes for b in protocol.router.buckets)
 
     def _alone(self) -> bool:
         """True while this node has never known a peer and was given no other node to

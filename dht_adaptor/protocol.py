@@ -600,13 +600,16 @@ class NodeProtocol(Endpoint, KademliaProtocol):  # type: ignore[misc]
             return []
         entries = [(key, held_digest(bindings)) for key, bindings in batch]
         self._stats.offers += 1
+        self._stats.offered_keys += len(entries)
         ok, answer = await self._request(address, "offer", (self.source_node.id, entries), node.id)
         if not ok:
             self._stats.offers_unanswered += 1
             return None
         if not isinstance(answer, list):
             return []  # busy, or nonsense: nothing now (repair and republishing do it later)
-        return sorted({p for p in answer if type(p) is int and 0 <= p < len(batch)})
+        wanted = sorted({p for p in answer if type(p) is int and 0 <= p < len(batch)})
+        self._stats.offers_taken += len(wanted)
+        return wanted
 
     def prune(self) -> None:
         """Forget replication times older than ``dead_ttl`` and sessions of keys no longer

@@ -58,6 +58,8 @@ class DhtStats:
     replication_examined: int = 0  # keys looked at to decide what a new contact gets
     offers: int = 0  # replica-sync offers sent (each names up to MAX_OFFER keys)
     offers_unanswered: int = 0  # ... that got no answer (then records are sent anyway)
+    offered_keys: int = 0  # keys named in the offers sent
+    offers_taken: int = 0  # ... of which the contact asked for the record
     refused: dict[Refusal, int] = field(default_factory=lambda: dict.fromkeys(Refusal, 0))
     other_node_answers: int = 0  # answers from a node id we did not ask (a restart, say)
     get_retries: int = 0  # lookups repeated with known-dead contacts re-admitted
@@ -87,6 +89,8 @@ class DhtStats:
             "replication_examined": self.replication_examined,
             "offers": self.offers,
             "offers_unanswered": self.offers_unanswered,
+            "offered_keys": self.offered_keys,
+            "offers_taken": self.offers_taken,
             "refused_datagrams": sum(self.refused.values()),
             **{f"refused_{reason.value}": n for reason, n in self.refused.items()},
             "other_node_answers": self.other_node_answers,
